@@ -1,0 +1,211 @@
+"""Model configuration: frozen dataclasses, validated once at construction.
+
+A bad value raises ``ValueError`` naming the field, the value and what is allowed, so a
+typo in a config file fails at start-up rather than as a shape error deep inside jit.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax.numpy as jnp
+
+from gptjax.data.tokenizer import ByteTokenizer
+
+ATTENTION_KINDS = ("softmax", "linear")
+MLP_ACTIVATIONS = ("gelu", "swiglu")
+NORM_KINDS = ("layernorm", "rmsnorm")
+POSITION_KINDS = ("learned", "rope")
+VISION_KINDS = ("cnn", "vit")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
+
+
+def _fail(cls: str, field: str, value: Any, allowed: str) -> None:
+  raise ValueError(f"{cls}.{field}={value!r} is invalid: {allowed}")
+
+
+def _check_choice(cls: str, field: str, value: Any, choices: tuple) -> None:
+  if value not in choices:
+    _fail(cls, field, value, f"allowed values are {', '.join(map(repr, choices))}")
+
+
+def _check_positive(cls: str, field: str, value: Any) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    _fail(cls, field, value, "must be a positive integer")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """Vision encoder: image (B, H, W, C) -> (B, P, D_v) tokens.
+
+  ``cnn``: ``len(cnn_channels)`` stages of conv3x3 -> ReLU -> 2x2 max-pool (the CNN of the
+  original GPT-4V sketch, generalised), then a 1x1 conv to ``width``; the final
+  (image_size / 2**stages)**2 grid cells are the image tokens.
+  ``vit``: non-overlapping ``patch_size`` patches -> linear embedding + learned positions ->
+  ``depth`` bidirectional transformer blocks of ``width`` and ``num_heads``.
+  """
+
+  kind: str = "cnn"
+  image_size: int = 32
+  channels: int = 3
+  patch_size: int = 4  # vit only
+  width: int = 64  # D_v: width of the encoder's output tokens
+  depth: int = 2  # vit blocks
+  num_heads: int = 4  # vit
+  mlp_dim: int = 128  # vit
+  cnn_channels: tuple[int, ...] = (32, 64)  # cnn stages; each halves the resolution
+
+  def __post_init__(self):
+    c = "VisionConfig"
+    _check_choice(c, "kind", self.kind, VISION_KINDS)
+    for f in ("image_size", "channels", "patch_size", "width", "depth", "num_heads", "mlp_dim"):
+      _check_positive(c, f, getattr(self, f))
+    if not isinstance(self.cnn_channels, tuple) or not self.cnn_channels:
+      _fail(c, "cnn_channels", self.cnn_channels, "must be a non-empty tuple of positive ints")
+    for ch in self.cnn_channels:
+      _check_positive(c, "cnn_channels", ch)
+    if self.kind == "vit":
+      if self.image_size % self.patch_size:
+        _fail(c, "image_size", self.image_size,
+              f"must be divisible by patch_size={self.patch_size}")
+      if self.width % self.num_heads:
+        _fail(c, "width", self.width, f"must be divisible by num_heads={self.num_heads}")
+    else:
+      stride = 2 ** len(self.cnn_channels)
+      if self.image_size % stride:
+        _fail(c, "image_size", self.image_size,
+              f"must be divisible by 2**len(cnn_channels)={stride} for the cnn encoder")
+
+  @property
+  def grid_size(self) -> int:
+    if self.kind == "vit":
+      return self.image_size // self.patch_size
+    return self.image_size // 2 ** len(self.cnn_channels)
+
+  @property
+  def num_tokens(self) -> int:
+    """P: number of image tokens the encoder emits."""
+    return self.grid_size**2
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The decoder-only transformer, and optionally its vision encoder (``vision``)."""
+
+  vocab_size: int = ByteTokenizer.vocab_size
+  max_seq_len: int = 128  # S: image tokens + text tokens (bounds learned positions / caches)
+  width: int = 64  # D
+  depth: int = 2  # number of layers applied
+  num_heads: int = 4  # N
+  num_kv_heads: Optional[int] = None  # K (GQA); None means = num_heads
+  mlp_dim: Optional[int] = None  # F; None means 4 * width
+  mlp_activation: str = "gelu"
+  norm: str = "layernorm"
+  norm_eps: float = 1e-5
+  position: str = "learned"
+  rope_theta: float = 10_000.0
+  dropout: float = 0.0
+  tie_embeddings: bool = True
+  attention: str = "softmax"
+  attention_impl: str = "auto"  # softmax backend: auto picks per platform
+  linear_chunk_size: int = 64
+  num_unique_layers: Optional[int] = None  # u < depth: layer i uses block i mod u
+  dtype: str = "float32"  # activations / compute
+  param_dtype: str = "float32"
+  remat: bool = False  # recompute each block in the backward pass (saves activation memory)
+  vision: Optional[VisionConfig] = None
+  prefix_lm: bool = True  # image tokens attend to each other bidirectionally
+  projector_hidden: Optional[int] = None  # vision->text projector MLP width; None = width
+
+  def __post_init__(self):
+    c = "ModelConfig"
+    for f in ("vocab_size", "max_seq_len", "width", "depth", "num_heads", "linear_chunk_size"):
+      _check_positive(c, f, getattr(self, f))
+    for f in ("num_kv_heads", "mlp_dim", "num_unique_layers", "projector_hidden"):
+      if getattr(self, f) is not None:
+        _check_positive(c, f, getattr(self, f))
+    _check_choice(c, "attention", self.attention, ATTENTION_KINDS)
+    _check_choice(c, "attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    _check_choice(c, "mlp_activation", self.mlp_activation, MLP_ACTIVATIONS)
+    _check_choice(c, "norm", self.norm, NORM_KINDS)
+    _check_choice(c, "position", self.position, POSITION_KINDS)
+    _check_choice(c, "dtype", self.dtype, DTYPES)
+    _check_choice(c, "param_dtype", self.param_dtype, DTYPES)
+    if self.width % self.num_heads:
+      _fail(c, "width", self.width, f"must be divisible by num_heads={self.num_heads}")
+    if self.num_heads % self.kv_heads:
+      _fail(c, "num_kv_heads", self.num_kv_heads,
+            f"must divide num_heads={self.num_heads} (grouped-query attention)")
+    if self.position == "rope" and self.head_dim % 2:
+      _fail(c, "position", self.position,
+            f"rope needs an even head_dim, got width/num_heads={self.head_dim}")
+    if self.num_unique_layers is not None and self.num_unique_layers > self.depth:
+      _fail(c, "num_unique_layers", self.num_unique_layers,
+            f"must be <= depth={self.depth} (layer i uses block i mod num_unique_layers)")
+    if not 0.0 <= self.dropout < 1.0:
+      _fail(c, "dropout", self.dropout, "must be in [0, 1)")
+    if self.norm_eps <= 0:
+      _fail(c, "norm_eps", self.norm_eps, "must be > 0")
+    if self.vision is not None:
+      if not isinstance(self.vision, VisionConfig):
+        _fail(c, "vision", self.vision, "must be a VisionConfig or None")
+      if self.vision.num_tokens >= self.max_seq_len:
+        _fail(c, "max_seq_len", self.max_seq_len,
+              f"must exceed the {self.vision.num_tokens} image tokens of the vision encoder")
+
+  # Derived sizes (never stored twice).
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def ffn_dim(self) -> int:
+    return self.mlp_dim or 4 * self.width
+
+  @property
+  def unique_layers(self) -> int:
+    return self.num_unique_layers or self.depth
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  @property
+  def num_image_tokens(self) -> int:
+    return self.vision.num_tokens if self.vision is not None else 0
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+
+_PRESETS = {
+    # GPT-2 small (124M): the shape used for the Cloud TPU run and HF weight import.
+    "gpt2-small": dict(vocab_size=50257, max_seq_len=1024, width=768, depth=12, num_heads=12,
+                       mlp_dim=3072, norm="layernorm", position="learned", tie_embeddings=True),
+    # The compact model of the original GPT-4o-mini sketch.
+    "mini": dict(max_seq_len=256, width=128, depth=2, num_heads=4, mlp_dim=512),
+    # Small enough that the whole test suite runs in minutes on 2 CPU cores.
+    "tiny": dict(max_seq_len=64, width=32, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
+                 linear_chunk_size=16),
+}
+
+
+def preset_names() -> tuple[str, ...]:
+  return tuple(_PRESETS)
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+  """A named ``ModelConfig``: ``gpt2-small``, ``mini`` or ``tiny`` (overrides applied)."""
+  if name not in _PRESETS:
+    raise ValueError(f"preset name={name!r} is unknown: allowed values are "
+                     f"{', '.join(map(repr, _PRESETS))}")
+  return ModelConfig(**{**_PRESETS[name], **overrides})

@@ -1,0 +1,1 @@
+"""Data: tokenizer, built-in TFDS datasets and the grain input pipeline."""

@@ -1,0 +1,116 @@
+"""Jitted sampling: prefill once, then one ``lax.while_loop`` over single-token steps.
+
+Softmax attention decodes against a KV cache; linear attention against its O(1) recurrent
+state. Greedy, temperature, top-k and top-p (nucleus) sampling; an optional stop token ends
+a row (later positions repeat it) and the loop exits early once every row has stopped.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gptjax.model import VLM, check_tokens
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, *, temperature, greedy: bool,
+                  top_k: Optional[int] = None, top_p: Optional[float] = None) -> jax.Array:
+  """logits (B, V) float32 -> token ids (B,) int32."""
+  if greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  neg = jnp.finfo(jnp.float32).min
+  if top_k is not None:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  if top_p is not None:
+    # Keep the smallest set of tokens whose probability mass reaches top_p (always >= 1).
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < top_p
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, neg, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "max_len", "greedy",
+                                             "top_k", "top_p", "stop_token"))
+def _generate(graphdef, state, tokens, image, key, temperature, *, max_new_tokens: int,
+              max_len: int, greedy: bool, top_k, top_p, stop_token):
+  model = nnx.merge(graphdef, state)
+  model.eval()  # no dropout while sampling
+  b = tokens.shape[0]
+  sample = functools.partial(sample_logits, temperature=temperature, greedy=greedy,
+                             top_k=top_k, top_p=top_p)
+  fill = 0 if stop_token is None else stop_token
+
+  cache = model.init_cache(b, max_len)
+  if image is None:
+    logits, cache = model.decode(tokens, cache)
+  else:
+    logits, cache = model.decode(tokens, cache, image=image)
+  key, sub = jax.random.split(key)
+  tok = sample(logits, sub)
+  out = jnp.full((b, max_new_tokens), fill, jnp.int32).at[:, 0].set(tok)
+  done = (tok == stop_token) if stop_token is not None else jnp.zeros((b,), bool)
+
+  def cond(carry):
+    i, _, _, _, _, done = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    i, tok, cache, key, out, done = carry
+    logits, cache = model.decode(tok[:, None], cache)
+    key, sub = jax.random.split(key)
+    nxt = jnp.where(done, fill, sample(logits, sub))
+    out = out.at[:, i].set(nxt)
+    if stop_token is not None:
+      done = done | (nxt == stop_token)
+    return i + 1, nxt, cache, key, out, done
+
+  carry = (jnp.asarray(1, jnp.int32), tok, cache, key, out, done)
+  return jax.lax.while_loop(cond, body, carry)[4]
+
+
+def generate(model: nnx.Module, tokens, max_new_tokens: int, *, image=None,
+             temperature: float = 0.0, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, seed: int = 0,
+             stop_token: Optional[int] = None) -> jax.Array:
+  """Sample ``max_new_tokens`` continuations of ``tokens`` (B, T) -> (B, max_new_tokens) int32.
+
+  ``image`` (B, H, W, C) conditions a ``VLM``. ``temperature=0`` is greedy; ``top_k`` /
+  ``top_p`` restrict sampling. All rows share the prompt length T (no padding).
+  """
+  cfg = model.config
+  tokens = jnp.asarray(tokens, jnp.int32)
+  if tokens.ndim != 2 or tokens.shape[1] == 0:
+    raise ValueError(f"tokens shape {tokens.shape} is invalid: expected (B, T) with T >= 1")
+  check_tokens(tokens, cfg.vocab_size)
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+  if temperature < 0:
+    raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+  if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
+    raise ValueError(f"top_k={top_k} must be in [1, vocab_size={cfg.vocab_size}]")
+  if top_p is not None and not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p={top_p} must be in (0, 1]")
+  if image is not None:
+    if not isinstance(model, VLM):
+      raise ValueError(f"image was given but the model is a {type(model).__name__}; "
+                       "only a VLM takes images")
+    image = jnp.asarray(image)
+  p = cfg.num_image_tokens if image is not None else 0
+  max_len = p + tokens.shape[1] + max_new_tokens
+  if cfg.position == "learned" and max_len > cfg.max_seq_len:
+    raise ValueError(f"image tokens ({p}) + prompt ({tokens.shape[1]}) + max_new_tokens "
+                     f"({max_new_tokens}) = {max_len} exceeds ModelConfig.max_seq_len="
+                     f"{cfg.max_seq_len}")
+  graphdef, state = nnx.split(model)
+  return _generate(graphdef, state, tokens, image, jax.random.key(seed),
+                   jnp.asarray(temperature if temperature > 0 else 1.0, jnp.float32),
+                   max_new_tokens=max_new_tokens, max_len=max_len,
+                   greedy=temperature == 0.0, top_k=top_k, top_p=top_p, stop_token=stop_token)

@@ -1,0 +1,1 @@
+"""Building blocks: dense, norms, MLPs, embeddings and every attention kind."""
