@@ -1,0 +1,16 @@
+"""Test-session setup. Runs before any test module (and so before jax) is imported.
+
+* 8 fake CPU devices, so sharding tests can build real meshes in-process.
+* CPU by default, so results do not depend on whichever accelerator happens to be present.
+* A non-interactive matplotlib backend for tests that plot.
+
+jax keeps its default float32; NumPy references are computed in float64.
+"""
+import os
+
+_DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+  os.environ["XLA_FLAGS"] = (_flags + " " + _DEVICE_FLAG).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # override (e.g. =cuda) to run on an accelerator
+os.environ.setdefault("MPLBACKEND", "Agg")

@@ -1,0 +1,145 @@
+"""ModelConfig / VisionConfig validation, presets and derived sizes."""
+import dataclasses
+
+import pytest
+
+import gptjax
+from gptjax import ModelConfig, VisionConfig
+
+TINY = dict(vocab_size=260, max_seq_len=64, width=32, depth=2, num_heads=4, num_kv_heads=2,
+            mlp_dim=64, linear_chunk_size=16)
+
+
+def _model(**kw):
+  return ModelConfig(**{**TINY, **kw})
+
+
+# (field name that must appear in the message, kwargs that make the config invalid)
+MODEL_BAD = [
+    ("width", dict(width=30)),  # not divisible by num_heads=4
+    ("num_kv_heads", dict(num_kv_heads=3)),  # 4 % 3 != 0
+    ("attention", dict(attention="flash")),
+    ("attention_impl", dict(attention_impl="triton")),
+    ("mlp_activation", dict(mlp_activation="relu6")),
+    ("norm", dict(norm="batchnorm")),
+    ("position", dict(position="alibi")),
+    ("position", dict(position="rope", width=12, num_heads=4, num_kv_heads=None)),  # head_dim 3
+    ("num_unique_layers", dict(num_unique_layers=3)),  # > depth=2
+    ("num_unique_layers", dict(num_unique_layers=0)),
+    ("dropout", dict(dropout=1.0)),
+    ("dropout", dict(dropout=-0.1)),
+    ("dtype", dict(dtype="float8")),
+    ("param_dtype", dict(param_dtype="int8")),
+    ("vocab_size", dict(vocab_size=0)),
+    ("max_seq_len", dict(max_seq_len=-1)),
+    ("width", dict(width=0)),
+    ("depth", dict(depth=0)),
+    ("num_heads", dict(num_heads=0)),
+    ("num_kv_heads", dict(num_kv_heads=0)),
+    ("mlp_dim", dict(mlp_dim=-4)),
+    ("linear_chunk_size", dict(linear_chunk_size=0)),
+    # cnn default: 32 // 4 = 8 -> 64 image tokens, which must be < max_seq_len=64.
+    ("max_seq_len", dict(vision=VisionConfig(kind="cnn", image_size=32))),
+    ("max_seq_len", dict(vision=VisionConfig(kind="vit", image_size=32, patch_size=4))),
+]
+
+
+@pytest.mark.parametrize("field,kw", MODEL_BAD, ids=[f"{f}-{i}" for i, (f, _) in enumerate(MODEL_BAD)])
+def test_model_config_rejects(field, kw):
+  with pytest.raises(ValueError, match=field):
+    _model(**kw)
+
+
+VISION_BAD = [
+    ("kind", dict(kind="resnet")),
+    ("image_size", dict(kind="vit", image_size=30, patch_size=4)),
+    ("image_size", dict(kind="cnn", image_size=36, cnn_channels=(8, 8, 8))),  # 36 % 8
+    ("image_size", dict(kind="cnn", image_size=0)),
+    ("patch_size", dict(kind="vit", patch_size=0)),
+    ("width", dict(kind="vit", width=30, num_heads=4)),
+    ("channels", dict(channels=0)),
+    ("cnn_channels", dict(kind="cnn", cnn_channels=())),
+    ("cnn_channels", dict(kind="cnn", cnn_channels=(8, 0))),
+]
+
+
+@pytest.mark.parametrize("field,kw", VISION_BAD, ids=[f"{f}-{i}" for i, (f, _) in enumerate(VISION_BAD)])
+def test_vision_config_rejects(field, kw):
+  with pytest.raises(ValueError, match=field):
+    VisionConfig(**kw)
+
+
+def test_replace_revalidates():
+  cfg = gptjax.preset("tiny")
+  with pytest.raises(ValueError, match="num_unique_layers"):
+    dataclasses.replace(cfg, num_unique_layers=cfg.depth + 1)
+
+
+@pytest.mark.parametrize("name", ["gpt2-small", "mini", "tiny"])
+def test_presets_construct(name):
+  assert name in gptjax.preset_names()
+  cfg = gptjax.preset(name)
+  assert isinstance(cfg, ModelConfig)
+  assert cfg.width % cfg.num_heads == 0
+
+
+def test_unknown_preset():
+  with pytest.raises(ValueError):
+    gptjax.preset("gpt5-huge")
+
+
+def test_tiny_values():
+  cfg = gptjax.preset("tiny")
+  for k, v in TINY.items():
+    assert getattr(cfg, k) == v, k
+  assert cfg.head_dim == 8
+  assert cfg.kv_heads == 2
+  assert cfg.ffn_dim == 64
+  assert cfg.unique_layers == 2
+  assert cfg.num_image_tokens == 0
+
+
+def test_gpt2_small_values():
+  cfg = gptjax.preset("gpt2-small")
+  assert (cfg.vocab_size, cfg.max_seq_len, cfg.width, cfg.depth, cfg.num_heads) == (
+      50257, 1024, 768, 12, 12)
+  assert cfg.ffn_dim == 3072 and cfg.head_dim == 64 and cfg.kv_heads == 12
+  assert cfg.tie_embeddings and cfg.position == "learned" and cfg.norm == "layernorm"
+
+
+def test_derived_defaults():
+  cfg = ModelConfig(vocab_size=100, max_seq_len=16, width=48, depth=3, num_heads=6)
+  assert cfg.kv_heads == 6  # None -> num_heads
+  assert cfg.ffn_dim == 4 * 48  # None -> 4 * width
+  assert cfg.head_dim == 8
+  assert cfg.unique_layers == 3
+  assert dataclasses.replace(cfg, num_unique_layers=1).unique_layers == 1
+
+
+@pytest.mark.parametrize("kw,tokens", [
+    (dict(kind="vit", image_size=32, patch_size=8), 16),
+    (dict(kind="vit", image_size=32, patch_size=4), 64),
+    (dict(kind="cnn", image_size=32), 64),  # default (32, 64): 2 stages -> 8x8
+    (dict(kind="cnn", image_size=32, cnn_channels=(8, 16, 16)), 16),  # 3 stages -> 4x4
+    (dict(kind="cnn", image_size=16, cnn_channels=(8,)), 64),
+])
+def test_num_tokens(kw, tokens):
+  v = VisionConfig(**kw)
+  assert v.num_tokens == tokens
+  cfg = _model(max_seq_len=tokens + 8, vision=v)
+  assert cfg.num_image_tokens == tokens
+
+
+def test_frozen():
+  cfg = gptjax.preset("tiny")
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    cfg.width = 64
+  v = VisionConfig()
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    v.kind = "vit"
+
+
+def test_hashable_and_equal():
+  # Frozen configs are used as static jit arguments: they must hash and compare by value.
+  assert hash(gptjax.preset("tiny")) == hash(gptjax.preset("tiny"))
+  assert gptjax.preset("tiny") == _model()
