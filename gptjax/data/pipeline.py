@@ -1,0 +1,171 @@
+"""grain input pipelines: records -> tokenized, masked, fixed-shape batches -> global arrays.
+
+Two tasks:
+- ``vqa``: image + prompt -> target (captioning and visual question answering). Each row is
+  ``[pad.. <bos> prompt <sep>] [target <eos> pad..]``: the prompt is left-padded to
+  ``prompt_len`` and the target right-padded to ``target_len``, so every answer starts at the
+  same position and greedy decoding at eval needs no per-row offsets. The loss is on the
+  target tokens and ``<eos>`` only.
+- ``lm``: documents joined with ``<eos>`` and cut into ``seq_len + 1`` windows (GPT-2 style
+  packing, no cross-document masking), loss on every token.
+
+Determinism and resumption: the pipeline is a ``grain.MapDataset`` (random access, shuffled
+with a seed, reshuffled each epoch) sliced per process (``process_index::process_count``)
+and turned into an iterator whose state is a position, saved with the checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import grain
+import jax
+import numpy as np
+
+from gptjax.data.tokenizer import ByteTokenizer
+
+CAPTION_PROMPT = "caption:"
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One (image, prompt, target) task before tokenization."""
+  image: Optional[np.ndarray]
+  prompt: str
+  target: str
+  kind: str  # 'caption' | 'vqa'
+
+
+def _text(x) -> str:
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def tasks_per_record(record: dict, *, caption_key: str = "caption",
+                     questions_key: str = "questions", answers_key: str = "answers",
+                     image_key: str = "image", label_names: Optional[Sequence[str]] = None
+                     ) -> list[Example]:
+  """All tasks a record yields: its caption (or class name) and each QA pair."""
+  image = np.asarray(record[image_key]) if image_key in record else None
+  out = []
+  if caption_key in record:
+    cap = record[caption_key]
+    if label_names is not None and not isinstance(cap, (bytes, str)):
+      cap = label_names[int(cap)]  # ClassLabel datasets (mnist...): caption = class name
+    out.append(Example(image, CAPTION_PROMPT, _text(cap), "caption"))
+  for q, a in zip(record.get(questions_key, ()), record.get(answers_key, ())):
+    out.append(Example(image, _text(q), _text(a), "vqa"))
+  if not out:
+    raise ValueError(f"record has neither {caption_key!r} nor {questions_key!r}/{answers_key!r}; "
+                     f"keys are {sorted(record)}: set data.caption_key / data.questions_key")
+  return out
+
+
+class TaskSource:
+  """Random-access view of a record source as a flat list of tasks (``tasks`` per record).
+
+  A stable ``__repr__`` because grain compares sources on checkpoint restore.
+  """
+
+  def __init__(self, source, tasks: int, make: Callable[[dict], list[Example]], name: str):
+    self.source, self.tasks, self.make, self.name = source, tasks, make, name
+
+  def __len__(self) -> int:
+    return len(self.source) * self.tasks
+
+  def __getitem__(self, i: int) -> Example:
+    r, t = divmod(int(i), self.tasks)
+    return self.make(self.source[r])[t]
+
+  def __repr__(self) -> str:
+    return f"TaskSource({self.name}, records={len(self.source)}, tasks={self.tasks})"
+
+
+def encode_vqa(ex: Example, tok: ByteTokenizer, prompt_len: int, target_len: int) -> dict:
+  """-> inputs/targets/loss_mask (text_len = prompt_len + target_len - 1), image, prompt."""
+  prompt = tok.encode(ex.prompt, bos=True) + [tok.sep_id]
+  target = tok.encode(ex.target) + [tok.eos_id]
+  if len(prompt) > prompt_len:
+    raise ValueError(f"prompt {ex.prompt!r} needs {len(prompt)} tokens > data.prompt_len={prompt_len}")
+  if len(target) > target_len:
+    raise ValueError(f"target {ex.target!r} needs {len(target)} tokens > data.target_len={target_len}")
+  seq = [tok.pad_id] * (prompt_len - len(prompt)) + prompt + target
+  seq += [tok.pad_id] * (prompt_len + target_len - len(seq))
+  seq = np.asarray(seq, np.int32)
+  mask = np.zeros(len(seq), np.float32)
+  mask[prompt_len:prompt_len + len(target)] = 1.0  # positions of target tokens in `seq`
+  out = {"inputs": seq[:-1], "targets": seq[1:], "loss_mask": mask[1:],
+         "prompt": seq[:prompt_len], "is_caption": np.int32(ex.kind == "caption")}
+  if ex.image is not None:
+    out["image"] = ex.image.astype(np.uint8)
+  return out
+
+
+@dataclasses.dataclass
+class Pipeline:
+  """A per-process batch iterator plus what is needed to checkpoint and describe it."""
+  dataset: Any  # grain.MapDataset of per-process batches
+  iterator: Any  # grain DatasetIterator (checkpointable)
+  num_examples: int  # tasks (vqa) or windows (lm) in one epoch, all processes
+
+  def __iter__(self):
+    return self.iterator
+
+  def __next__(self):
+    return next(self.iterator)
+
+
+def _lm_windows(source, tok: ByteTokenizer, seq_len: int, text_key: str) -> np.ndarray:
+  """All documents joined by <eos>, cut into (n, seq_len + 1) windows (the tail dropped)."""
+  ids: list[int] = []
+  for i in range(len(source)):
+    ids += tok.encode(_text(source[i][text_key])) + [tok.eos_id]
+  n = len(ids) // (seq_len + 1)
+  if n == 0:
+    raise ValueError(f"the corpus has {len(ids)} tokens, fewer than data.seq_len + 1 = "
+                     f"{seq_len + 1}: lower data.seq_len or add text")
+  return np.asarray(ids[: n * (seq_len + 1)], np.int32).reshape(n, seq_len + 1)
+
+
+def make_pipeline(source, *, task: str, batch_size: int, seed: int = 0, shuffle: bool = True,
+                  repeat: bool = True, prompt_len: int = 32, target_len: int = 64,
+                  seq_len: int = 128, text_key: str = "text", name: str = "data",
+                  record_to_tasks: Optional[Callable[[dict], list[Example]]] = None,
+                  tasks_per: Optional[int] = None, drop_remainder: bool = True,
+                  process_index: Optional[int] = None, process_count: Optional[int] = None
+                  ) -> Pipeline:
+  """Batches of this process's share of ``batch_size`` (the global batch).
+
+  ``batch_size`` must divide by the process count; each process reads every
+  ``process_count``-th element of the shuffled order, so together they see each element once.
+  """
+  tok = ByteTokenizer()
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  if batch_size % pc:
+    raise ValueError(f"batch_size={batch_size} must divide by the {pc} processes")
+  if task == "vqa":
+    make = record_to_tasks or tasks_per_record
+    n_tasks = tasks_per or len(make(source[0]))
+    ds = grain.MapDataset.source(TaskSource(source, n_tasks, make, name))
+    ds = ds.map(lambda ex: encode_vqa(ex, tok, prompt_len, target_len))
+  elif task == "lm":
+    windows = _lm_windows(source, tok, seq_len, text_key)
+    ds = grain.MapDataset.source(windows).map(
+        lambda w: {"inputs": w[:-1], "targets": w[1:],
+                   "loss_mask": np.ones(seq_len, np.float32)})
+  else:
+    raise ValueError(f"data.task={task!r} is invalid: allowed values are 'vqa', 'lm'")
+  num_examples = len(ds)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)  # grain reshuffles with a new permutation every epoch
+  if repeat:
+    ds = ds.repeat(None)
+  ds = ds[pi::pc]
+  ds = ds.batch(batch_size // pc, drop_remainder=drop_remainder)
+  return Pipeline(ds, iter(ds.to_iter_dataset()), num_examples)
+
+
+def global_batch(local: dict, shardings: dict) -> dict:
+  """Per-process numpy batch -> global ``jax.Array``s laid out by ``shardings`` (per key)."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+          for k, v in local.items() if k in shardings}
