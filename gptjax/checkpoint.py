@@ -1,0 +1,432 @@
+"""Checkpointing for training runs: a thin, careful layer over ``orbax.checkpoint``.
+
+``Checkpointer`` saves the train state (any pytree of ``jax.Array``s, possibly sharded over a
+mesh) and, optionally, the grain data-iterator state *together*, in one Orbax step::
+
+    <directory>/<step>/state/   # ocp.StandardCheckpointHandler (OCDBT/zarr), one per step
+    <directory>/<step>/data/    # grain iterator state, process_<i>-of-<n>.json
+
+What Orbax guarantees and we rely on:
+
+* Atomicity. A step is written under ``<step>.orbax-checkpoint-tmp`` (orbax 0.12: no
+  timestamp suffix; the items inside are ``state.orbax-checkpoint-tmp`` etc.) and renamed to
+  ``<step>`` only once every host has finished. An interrupted save therefore leaves only a
+  ``*.orbax-checkpoint-tmp`` directory, which is never listed as a step; it is deleted the next
+  time a ``Checkpointer`` opens the directory (``cleanup_tmp_directories=True``).
+* Multi-host coordination. Every method here must be called on *all* processes; Orbax does
+  the barriers and decides which process writes which file. Nothing in this module writes
+  files itself.
+* Resharding. ``restore`` takes an abstract tree whose ``jax.ShapeDtypeStruct`` leaves carry
+  the *target* shardings, which may come from a different mesh than at save time.
+
+RNG keys must be stored as raw ``uint32`` key data (``jax.random.key_data``); typed key arrays
+are rejected with a clear error.
+
+``PreemptionWatcher`` turns SIGTERM (and SIGINT) into a "save and stop" decision that all
+hosts agree on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+STATE_ITEM = "state"
+DATA_ITEM = "data"
+# What orbax 0.12 appends to a step (and item) directory while it is being written.
+TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"
+
+__all__ = [
+    "Checkpointer", "PreemptionWatcher", "abstract_like", "CheckpointCorruptError",
+    "CheckpointMismatchError", "TMP_DIR_SUFFIX",
+]
+
+
+class CheckpointCorruptError(RuntimeError):
+  """A finalized checkpoint step that cannot be read (files missing / truncated)."""
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint's tree structure or array shapes do not match the restore target."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _grain_checkpoint():
+  import grain  # local import: the model code does not need grain
+  return grain.checkpoint
+
+
+def _key_name(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _path_name(path) -> str:
+  """Key path -> 'params.blocks.0.attn.kernel.value' (the names Orbax stores arrays under)."""
+  return ".".join(_key_name(k) for k in path)
+
+
+def _flat(tree) -> dict[str, Any]:
+  return {_path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _is_typed_key(x) -> bool:
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _reject_typed_keys(tree, what: str) -> None:
+  bad = [name for name, x in _flat(tree).items() if _is_typed_key(x)]
+  if bad:
+    raise TypeError(
+        f"{what} contains typed PRNG key arrays at {bad[:5]}; store raw key data instead "
+        "(jax.random.key_data(key), uint32) and wrap it back with jax.random.wrap_key_data.")
+
+
+def abstract_like(state, shardings=None):
+  """``state`` with every array leaf replaced by ``jax.ShapeDtypeStruct(shape, dtype, sharding)``.
+
+  ``shardings``: a tree with the structure of ``state`` (or a prefix of it) whose leaves are
+  ``jax.sharding.Sharding``s -- e.g. ``gptjax.sharding.state_shardings(state, mesh)`` -- or a
+  single ``Sharding`` for every leaf, or ``None`` to keep each array's current sharding.
+  ``state`` may itself be abstract (e.g. from ``jax.eval_shape`` / ``nnx.eval_shape``).
+  Non-array leaves (Python scalars) are kept as they are.
+  """
+  from jax.sharding import Sharding
+
+  def one(x, sharding):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      return x
+    if sharding is None:
+      sharding = getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+  if shardings is None or isinstance(shardings, Sharding):
+    return jax.tree.map(lambda x: one(x, shardings), state)
+  is_sharding = lambda s: isinstance(s, Sharding) or s is None
+  return jax.tree.map(lambda s, sub: jax.tree.map(lambda x: one(x, s), sub),
+                      shardings, state, is_leaf=is_sharding)
+
+
+# ----------------------------------------------------------------------------- Checkpointer
+
+
+class Checkpointer:
+  """Periodic, async, keep-last-K checkpoints of (train state, data iterator).
+
+  All methods must be called on every process of a multi-host job, in the same order.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: Optional[int] = 3,
+               async_save: bool = True):
+    if keep is not None and keep < 1:
+      raise ValueError(f"checkpoint keep={keep} must be >= 1 (or None to keep all)")
+    directory = os.fspath(directory)
+    if "://" not in directory:  # local / mounted path: Orbax wants it absolute
+      directory = os.path.abspath(directory)
+    self.directory = epath.Path(directory)
+    self.save_every = int(save_every)
+    self.keep = keep
+    self.async_save = async_save
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        enable_async_checkpointing=async_save,
+        create=True,
+        # Leftovers of an interrupted save (<step>.orbax-checkpoint-tmp) are removed on open.
+        cleanup_tmp_directories=True,
+    )
+    self._mgr = ocp.CheckpointManager(
+        self.directory,
+        item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
+                       DATA_ITEM: _grain_checkpoint().CheckpointHandler()},
+        options=options,
+    )
+    self._in_flight: Optional[int] = None  # step of the async save not yet known finalized
+    self._closed = False
+
+  # -- queries
+
+  def _refresh_in_flight(self) -> None:
+    if self._in_flight is not None and not self._mgr.is_saving_in_progress():
+      self._in_flight = None
+
+  def all_steps(self) -> list[int]:
+    """Finalized steps, ascending (an async save still being written is not included)."""
+    self._refresh_in_flight()
+    return sorted(s for s in self._mgr.all_steps() if s != self._in_flight)
+
+  def latest_step(self) -> Optional[int]:
+    """Newest finalized step, or None if there is none."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def should_save(self, step: int) -> bool:
+    """Whether ``step`` is a periodic save step (``step % save_every == 0``)."""
+    return self.save_every > 0 and step % self.save_every == 0
+
+  def step_dir(self, step: int) -> epath.Path:
+    return self.directory / str(step)
+
+  # -- save
+
+  def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
+    """Start saving ``state`` (+ the iterator's position) as ``step``; True if a save started.
+
+    Only on ``should_save(step)`` steps unless ``force`` (final step, preemption). A step that
+    already exists is never overwritten (returns False). With ``async_save`` the arrays are
+    copied off-device before this returns and written in the background; the data-iterator
+    state is captured synchronously, so advancing the iterator afterwards is safe.
+    """
+    self._check_open()
+    step = int(step)
+    if not force and not self.should_save(step):
+      return False
+    if step in self._mgr.all_steps():
+      log.info("checkpoint step %d already exists in %s; not saving again", step, self.directory)
+      return False
+    _reject_typed_keys(state, "checkpoint state")
+    items = {STATE_ITEM: ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items[DATA_ITEM] = _grain_checkpoint().CheckpointSave(data_iterator)
+    try:
+      started = self._mgr.save(step, args=ocp.args.Composite(**items), force=True)
+    except ocp.checkpoint_manager.StepAlreadyExistsError:
+      return False
+    if started:
+      self._in_flight = step if self.async_save else None
+      log.info("checkpoint step %d %s to %s", step,
+               "being written" if self.async_save else "written", self.directory)
+    return bool(started)
+
+  def wait(self) -> None:
+    """Block until any async save has been finalized (renamed into place)."""
+    self._mgr.wait_until_finished()
+    self._in_flight = None
+
+  # -- restore
+
+  def restore(self, abstract_state, data_iterator=None, *, step: Optional[int] = None):
+    """Restore ``step`` (default: the latest finalized one) into the shape of ``abstract_state``.
+
+    ``abstract_state``: the state pytree with ``jax.ShapeDtypeStruct`` leaves carrying the target
+    shardings (see ``abstract_like``); concrete arrays are accepted and their shardings used.
+    ``data_iterator``: if given, its position is restored in place.
+    Raises ``FileNotFoundError`` (no such step), ``CheckpointMismatchError`` (tree/shapes differ
+    from the model) or ``CheckpointCorruptError`` (unreadable step directory).
+    """
+    self._check_open()
+    self.wait()  # never read a step that is still being written
+    available = self.all_steps()
+    if step is None:
+      if not available:
+        raise FileNotFoundError(f"no finalized checkpoint in {self.directory}")
+      step = available[-1]
+    step = int(step)
+    if step not in available:
+      raise FileNotFoundError(
+          f"checkpoint step {step} not found in {self.directory}; available: {available or 'none'}")
+    _reject_typed_keys(abstract_state, "restore target")
+    abstract_state = abstract_like(abstract_state)  # concrete leaves -> ShapeDtypeStruct
+    self._check_matches(step, abstract_state, available)
+    if data_iterator is not None and not (self.step_dir(step) / DATA_ITEM).exists():
+      raise CheckpointMismatchError(
+          f"checkpoint {self.step_dir(step)} (step {step}) has no data-iterator state; it was "
+          "saved without one. Restore without a data iterator (the data pipeline restarts).")
+
+    items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items[DATA_ITEM] = _grain_checkpoint().CheckpointRestore(data_iterator)
+    try:
+      restored = self._mgr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # noqa: BLE001 -- re-raised with context
+      raise self._corrupt(step, available, e) from e
+    log.info("restored checkpoint step %d from %s", step, self.directory)
+    return restored[STATE_ITEM]
+
+  def _corrupt(self, step: int, available: list[int], e: BaseException) -> CheckpointCorruptError:
+    first = (str(e).strip().splitlines() or [""])[0]
+    for noise in (" See full TensorStore details", " [tensorstore_spec"):  # huge JSON specs
+      first = first.split(noise)[0]
+    first = first[:300]
+    others = [s for s in available if s != step]
+    hint = (f"restore an older step with --checkpoint.step={others[-1]} (available: {others})"
+            if others else "there is no other checkpoint step to fall back to")
+    return CheckpointCorruptError(
+        f"checkpoint step {step} at {self.step_dir(step)} could not be read -- it is corrupt or "
+        f"incomplete ({type(e).__name__}: {first}). Either {hint}, or delete "
+        f"{self.step_dir(step)} and restart.")
+
+  def _check_matches(self, step: int, abstract_state, available: list[int]) -> None:
+    """Compare the on-disk tree metadata with the target before reading any array."""
+    try:
+      metadata = self._mgr.item_metadata(step)
+      metadata = metadata[STATE_ITEM] if metadata is not None else None
+      tree = getattr(metadata, "tree", metadata)
+      if tree is None:
+        raise FileNotFoundError(f"no '{STATE_ITEM}' item metadata")
+      saved = _flat(tree)
+    except Exception as e:  # noqa: BLE001 -- re-raised with context
+      raise self._corrupt(step, available, e) from e
+    wanted = _flat(abstract_state)
+    missing = sorted(set(wanted) - set(saved))
+    unexpected = sorted(set(saved) - set(wanted))
+    shapes = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(wanted[k].shape)}"
+              for k in sorted(set(saved) & set(wanted))
+              if hasattr(wanted[k], "shape") and getattr(saved[k], "shape", None) is not None
+              and tuple(saved[k].shape) != tuple(wanted[k].shape)]
+    if missing or unexpected or shapes:
+      parts = []
+      if shapes:
+        parts.append(f"shape mismatch for {len(shapes)} array(s): " + "; ".join(shapes[:10]))
+      if missing:
+        parts.append(f"{len(missing)} array(s) in the model but not in the checkpoint: "
+                     f"{missing[:10]}")
+      if unexpected:
+        parts.append(f"{len(unexpected)} array(s) in the checkpoint but not in the model: "
+                     f"{unexpected[:10]}")
+      raise CheckpointMismatchError(
+          f"checkpoint step {step} at {self.step_dir(step)} does not match the model/optimizer "
+          "being restored (was it saved with a different config?): " + " | ".join(parts))
+    for k in sorted(set(saved) & set(wanted)):
+      sd, wd = getattr(saved[k], "dtype", None), getattr(wanted[k], "dtype", None)
+      if sd is not None and wd is not None and np.dtype(sd) != np.dtype(wd):
+        log.warning("checkpoint step %d: %s stored as %s, restored as %s", step, k, sd, wd)
+
+  # -- lifecycle
+
+  def _check_open(self) -> None:
+    if self._closed:
+      raise RuntimeError(f"Checkpointer({self.directory}) is closed")
+
+  def close(self) -> None:
+    """Wait for pending saves, then release Orbax's resources. Idempotent."""
+    if self._closed:
+      return
+    try:
+      self.wait()
+    finally:
+      self._mgr.close()
+      self._closed = True
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def __repr__(self) -> str:
+    return (f"Checkpointer({str(self.directory)!r}, save_every={self.save_every}, "
+            f"keep={self.keep}, async_save={self.async_save})")
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+class PreemptionWatcher:
+  """Turns SIGTERM (and optionally SIGINT) into a stop decision all hosts agree on.
+
+  Call ``should_stop(step)`` once per training step, on every host, with the same step
+  numbers; when it returns True, save a checkpoint (``force=True``) and exit.
+
+  * Single process: a signal handler sets a flag; ``should_stop`` returns it.
+  * Multi-process with JAX's preemption service (``jax.distributed.initialize``, the default):
+    JAX's runtime owns SIGTERM and propagates the notice to all hosts, and
+    ``multihost_utils.reached_preemption_sync_point(step)`` returns True on all of them at the
+    same step. We do not install a Python SIGTERM handler then (it would replace JAX's).
+  * Multi-process without it (or for SIGINT): the local flag is combined across hosts with
+    ``multihost_utils.process_allgather`` every ``sync_every`` steps.
+
+  A second SIGINT while a stop is already pending raises ``KeyboardInterrupt`` (hard stop).
+  Previous handlers are restored on ``close()`` / context exit.
+  """
+
+  def __init__(self, *, handle_sigint: bool = True, sync_every: int = 1, install: bool = True):
+    self.sync_every = max(1, int(sync_every))
+    self._flag = threading.Event()
+    self.received: Optional[int] = None  # the signal number that set the flag
+    self._previous: dict[int, Any] = {}
+    self._multi = jax.process_count() > 1
+    self._jax_sync = self._multi and self._jax_preemption_service_available()
+    self._signals: list[int] = []
+    if not self._jax_sync:
+      self._signals.append(signal.SIGTERM)
+    if handle_sigint:
+      self._signals.append(signal.SIGINT)
+    if install:
+      self.install()
+
+  @staticmethod
+  def _jax_preemption_service_available() -> bool:
+    from jax._src import distributed  # no public accessor in jax 0.10
+    return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
+
+  def install(self) -> None:
+    if self._previous:
+      return
+    if threading.current_thread() is not threading.main_thread():
+      log.warning("PreemptionWatcher: not on the main thread; signal handlers not installed")
+      return
+    for sig in self._signals:
+      self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame) -> None:
+    if signum == signal.SIGINT and self._flag.is_set():
+      raise KeyboardInterrupt  # second Ctrl-C: stop now
+    self.received = signum
+    self._flag.set()
+    log.warning("received %s: will save a checkpoint and stop at the next step boundary",
+                signal.Signals(signum).name)
+
+  def request_stop(self) -> None:
+    """Set the stop flag programmatically (as if a signal had arrived on this host)."""
+    self._flag.set()
+
+  @property
+  def stop_requested(self) -> bool:
+    """This host's local flag (not synchronized across hosts)."""
+    return self._flag.is_set()
+
+  def should_stop(self, step: Optional[int] = None) -> bool:
+    """True when training should save and stop at ``step``; same answer on every host."""
+    if not self._multi:
+      return self._flag.is_set()
+    if step is None:
+      raise ValueError("PreemptionWatcher.should_stop(step): step is required on multi-host")
+    from jax.experimental import multihost_utils
+    stop = False
+    if self._jax_sync:
+      stop = bool(multihost_utils.reached_preemption_sync_point(int(step)))
+    if self._signals and int(step) % self.sync_every == 0:
+      flags = multihost_utils.process_allgather(np.asarray(self._flag.is_set(), np.int32))
+      stop = stop or bool(np.any(flags))
+    return stop
+
+  def close(self) -> None:
+    """Restore the signal handlers that were installed before."""
+    if not self._previous:
+      return
+    if threading.current_thread() is not threading.main_thread():
+      log.warning("PreemptionWatcher.close: not on the main thread; handlers left installed")
+      return
+    for sig, prev in self._previous.items():
+      signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+    self._previous = {}
+
+  def __enter__(self) -> "PreemptionWatcher":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
