@@ -30,6 +30,14 @@ class Cache(NamedTuple):
   index: jax.Array  # int32 scalar
 
 
+def make_dropout(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Dropout:
+  # Only a model that uses dropout holds an RNG stream: a dropout-free model's state is
+  # parameters only, which keeps checkpoints and sharding trees free of key arrays. The
+  # train step reseeds the stream from (seed, step) with `nnx.reseed`, so it is never
+  # checkpointed either.
+  return nnx.Dropout(cfg.dropout, rngs=rngs if cfg.dropout > 0 else None)
+
+
 class Block(nnx.Module):
   """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -40,7 +48,7 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(cfg.width, cfg.norm, **kw)
     self.mlp = MLP(cfg.width, cfg.ffn_dim, cfg.mlp_activation, dtype=cfg.compute_dtype,
                    param_dtype=cfg.weight_dtype, out_init_scale=1.0 / (2 * cfg.depth), rngs=rngs)
-    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+    self.dropout = make_dropout(cfg, rngs)
 
   def __call__(self, x, *, positions=None, cache=None, cache_index=None, prefix_len=None):
     h, cache = self.attn(self.attn_norm(x), positions=positions, cache=cache,
@@ -55,8 +63,9 @@ def check_tokens(tokens, vocab_size: int, what: str = "tokens") -> None:
 
   ``jnp.take`` silently clamps out-of-range ids, which would train on garbage.
   """
-  if isinstance(tokens, jax.core.Tracer):
-    return
+  if isinstance(tokens, jax.core.Tracer) or (
+      isinstance(tokens, jax.Array) and not tokens.is_fully_addressable):
+    return  # traced, or spread over several hosts: checked where the data is made
   arr = np.asarray(tokens)
   if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
     raise ValueError(f"{what} contain ids outside [0, vocab_size={vocab_size}): "
@@ -79,7 +88,7 @@ class GPT(nnx.Module):
     self.head = (None if cfg.tie_embeddings else
                  Dense((cfg.width,), (cfg.vocab_size,), ("embed", "vocab"), use_bias=False,
                        dtype=dt, param_dtype=pdt, rngs=rngs))
-    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+    self.dropout = make_dropout(cfg, rngs)
 
   # -- pieces -------------------------------------------------------------------------
   def layer(self, i: int) -> Block:

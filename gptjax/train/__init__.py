@@ -1,0 +1,1 @@
+"""Training: config, state, optimizer, pure steps, the loop, evaluation and metrics."""

@@ -1,0 +1,118 @@
+"""The training configuration: one ``ml_collections.ConfigDict`` with a fixed set of keys.
+
+``configs/*.py`` start from ``base_config()`` and override. Every section is locked, so a
+mistyped key (``--config.optim.lrr=...`` or ``cfg.optim.lrr = ...``) raises an error naming
+it instead of silently doing nothing. ``validate`` checks values once before training.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import ml_collections
+
+from gptjax.config import ModelConfig, VisionConfig, preset
+
+TASKS = ("vqa", "lm")
+
+
+def model_section(name: str, **overrides) -> ml_collections.ConfigDict:
+  """Every ``ModelConfig`` field of preset ``name`` (+ overrides) as a ConfigDict, so any
+  field can be set from the command line (``--config.model.width=256``)."""
+  vision = overrides.pop("vision", None)
+  cfg = preset(name, **overrides)
+  d = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "vision"}
+  if isinstance(vision, VisionConfig):
+    vision = ml_collections.ConfigDict(dataclasses.asdict(vision))
+  d["vision"] = vision
+  return ml_collections.ConfigDict(d)
+
+
+def vision_section(**kw) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dataclasses.asdict(VisionConfig(**kw)))
+
+
+def shapes_kwargs(**kw) -> ml_collections.ConfigDict:
+  """Builder arguments of the built-in ``shapes`` data, all present so each is overridable."""
+  d = dict(image_size=32, train_size=10_000, validation_size=500, test_size=500, seed=0)
+  d.update(kw)
+  return ml_collections.ConfigDict(d)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = model_section("tiny")
+  c.data = ml_collections.ConfigDict(dict(
+      name="shapes",  # 'shapes' | 'text_files' | any TFDS name prepared as array_record
+      data_dir=None,  # None: <workdir>/../tensorflow_datasets-style default (see loop)
+      builder_kwargs=shapes_kwargs(),  # passed to the builder (here: shapes' sizes/seed)
+      paths=(),  # text_files: files, globs or directories
+      task="vqa",  # 'vqa' (image + prompt -> target) | 'lm' (packed text)
+      prompt_len=40, target_len=60,  # vqa (shapes: captions need 59)
+      seq_len=128,  # lm
+      text_key="text", image_key="image", caption_key="caption",
+      train_split="train", eval_split="validation", test_split="test",
+  ))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=3e-3, warmup_steps=50, end_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.05, clip_norm=1.0, accum_steps=1))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=500, batch_size=32, log_every=10))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.checkpoint = ml_collections.ConfigDict(dict(every=200, keep=3, async_save=True))
+  c.eval = ml_collections.ConfigDict(dict(
+      every=250, batch_size=64, max_batches=8,  # loss/perplexity on the eval split
+      decode_examples=256,  # greedy-decoded examples for caption / VQA exact match
+      samples_to_print=6))
+  c.logging = ml_collections.ConfigDict(dict(tensorboard=True, plot=True, progress=True))
+  c.lock()
+  return c
+
+
+def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
+  """The frozen ``ModelConfig`` (validated by its own ``__post_init__``)."""
+  d = c.model.to_dict()
+  vision = d.pop("vision")
+  if vision is not None:
+    vision["cnn_channels"] = tuple(vision["cnn_channels"])
+    vision = VisionConfig(**vision)
+  return ModelConfig(**d, vision=vision)
+
+
+def _fail(key: str, value, allowed: str):
+  raise ValueError(f"config.{key}={value!r} is invalid: {allowed}")
+
+
+def validate(c: ml_collections.ConfigDict) -> ModelConfig:
+  """Check the whole config once; returns the ModelConfig."""
+  m = model_config(c)
+  if c.data.task not in TASKS:
+    _fail("data.task", c.data.task, f"allowed values are {TASKS}")
+  for key in ("train.steps", "train.batch_size", "optim.accum_steps", "train.log_every",
+              "checkpoint.every", "checkpoint.keep", "eval.batch_size"):
+    sec, name = key.split(".")
+    v = c[sec][name]
+    if not isinstance(v, int) or v <= 0:
+      _fail(key, v, "must be a positive integer")
+  if c.train.batch_size % c.optim.accum_steps:
+    _fail("train.batch_size", c.train.batch_size,
+          f"must be divisible by optim.accum_steps={c.optim.accum_steps}")
+  if not c.optim.lr > 0:
+    _fail("optim.lr", c.optim.lr, "must be > 0")
+  if c.data.task == "vqa":
+    if m.vision is None and c.data.name == "shapes":
+      _fail("model.vision", None, "the 'shapes' data are images: set config.model.vision")
+    text = c.data.prompt_len + c.data.target_len - 1
+    if m.num_image_tokens + text > m.max_seq_len:
+      _fail("model.max_seq_len", m.max_seq_len,
+            f"must be >= image tokens ({m.num_image_tokens}) + data.prompt_len + "
+            f"data.target_len - 1 ({text})")
+  else:
+    if c.data.seq_len > m.max_seq_len:
+      _fail("data.seq_len", c.data.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
+  return m
+
+
+def eval_every(c) -> Optional[int]:
+  return c.eval.every if c.eval.every and c.eval.every > 0 else None

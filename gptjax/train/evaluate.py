@@ -1,0 +1,116 @@
+"""Evaluation: loss / perplexity over a split, and greedy-decoded caption exact-match and
+VQA answer accuracy (the answer string must equal the reference exactly)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptjax.data.pipeline import global_batch
+from gptjax.data.tokenizer import ByteTokenizer
+from gptjax.generate import generate
+from gptjax.train.step import image_to_float
+
+
+def _local_rows(x: jax.Array, sharding) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in its local input order
+  (the inverse of ``jax.make_array_from_process_local_data``)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.global_array_to_host_local_array(x, sharding.mesh, sharding.spec))
+
+
+def _sum_over_processes(values: np.ndarray) -> np.ndarray:
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(values)).sum(0)
+
+
+def eval_loss(eval_step: Callable, params, batches: Iterable[dict], shardings: dict,
+              max_batches: Optional[int] = None) -> dict:
+  """Token-weighted mean cross-entropy and perplexity over (up to) ``max_batches`` batches."""
+  total, count = 0.0, 0.0
+  for i, local in enumerate(batches):
+    if max_batches is not None and i >= max_batches:
+      break
+    t, c = eval_step(params, global_batch(local, shardings))
+    total, count = total + float(t), count + float(c)
+  loss = total / max(count, 1.0)
+  return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+@dataclasses.dataclass
+class Sample:
+  prompt: str
+  prediction: str
+  truth: str
+  is_caption: bool
+  image: Optional[np.ndarray] = None
+
+
+def decode_accuracy(model: nnx.Module, batches: Iterable[dict], shardings: dict, *,
+                    max_new_tokens: int, max_examples: int) -> tuple[dict, list[Sample]]:
+  """Greedy-decode the target of each vqa-task row; exact match against the reference."""
+  tok = ByteTokenizer()
+  samples: list[Sample] = []
+  for local in batches:
+    if len(samples) >= max_examples:
+      break
+    keys = {"prompt": shardings["inputs"]}
+    if "image" in local:
+      keys["image"] = shardings["image"]
+    g = global_batch({k: local[k] for k in keys}, keys)
+    image = image_to_float(g["image"]) if "image" in g else None
+    out = _local_rows(generate(model, g["prompt"], max_new_tokens, image=image,
+                               stop_token=tok.eos_id), shardings["inputs"])
+    for i in range(out.shape[0]):
+      truth_ids = local["targets"][i][local["loss_mask"][i] > 0]
+      samples.append(Sample(
+          prompt=tok.decode([t for t in local["prompt"][i] if t != tok.pad_id]),
+          prediction=tok.decode(out[i]), truth=tok.decode(truth_ids),
+          is_caption=bool(local["is_caption"][i]),
+          image=np.asarray(local["image"][i]) if "image" in local else None))
+  samples = samples[:max_examples]
+  # [caption correct, caption total, vqa correct, vqa total], summed over processes.
+  c = np.zeros(4)
+  for s in samples:
+    j = 0 if s.is_caption else 2
+    c[j] += s.prediction == s.truth
+    c[j + 1] += 1
+  c = _sum_over_processes(c)
+  metrics = {}
+  if c[1]:
+    metrics["caption_exact_match"] = float(c[0] / c[1])
+  if c[3]:
+    metrics["vqa_accuracy"] = float(c[2] / c[3])
+  return metrics, samples
+
+
+def save_samples_png(samples: list[Sample], path: str, n: int = 8) -> Optional[str]:
+  """A grid of held-out images with the model's text under the reference text."""
+  shown = [s for s in samples if s.image is not None][:n]
+  if not shown or jax.process_index() != 0:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cols = min(4, len(shown))
+  rows = math.ceil(len(shown) / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.6 * rows), squeeze=False)
+  for ax in axes.flat:
+    ax.axis("off")
+  for ax, s in zip(axes.flat, shown):
+    ax.imshow(s.image, interpolation="nearest")
+    ok = "ok" if s.prediction == s.truth else "WRONG"
+    ax.set_title(f"{s.prompt}\npred: {s.prediction}\ntrue: {s.truth} [{ok}]", fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

@@ -1,0 +1,208 @@
+"""``run(config, workdir)``: the whole training job — data, sharded state, the jitted step,
+checkpoints (resume / preemption), periodic eval, logs and plots."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+from flax import nnx
+
+from gptjax import sharding as shd
+from gptjax.checkpoint import Checkpointer, PreemptionWatcher
+from gptjax.data.datasets import load_source
+from gptjax.data.pipeline import global_batch, make_pipeline
+from gptjax.train import evaluate as ev
+from gptjax.train.config import eval_every, validate
+from gptjax.train.metrics import MetricsLogger, plot_losses
+from gptjax.train.optim import make_optimizer, schedule
+from gptjax.train.state import abstract_train_state, create_train_state
+from gptjax.train.step import MODEL_KEYS, jit_train_step, make_eval_step, make_train_step
+
+log = logging.getLogger("gptjax")
+
+
+def load_split(c, split: str):
+  d = c.data
+  kwargs = dict(d.builder_kwargs.to_dict()) if d.builder_kwargs else {}
+  if d.name == "text_files":
+    if not d.paths:
+      raise ValueError("config.data.paths is empty: data.name='text_files' needs files, globs "
+                       "or directories (e.g. --config.data.paths='(\"notes/*.txt\",)')")
+    kwargs["paths"] = list(d.paths)
+  return load_source(d.name, split, data_dir=d.data_dir, **kwargs)
+
+
+def pipeline_for(c, source, *, train: bool, batch_size: int, seed_offset: int = 0):
+  d = c.data
+  return make_pipeline(
+      source, task=d.task, batch_size=batch_size, seed=c.seed + seed_offset, shuffle=train,
+      repeat=train, prompt_len=d.prompt_len, target_len=d.target_len, seq_len=d.seq_len,
+      text_key=d.text_key, name=f"{d.name}", drop_remainder=True)
+
+
+def batch_shardings(mesh) -> dict:
+  s = shd.batch_sharding(mesh)
+  return {k: s for k in ("inputs", "targets", "loss_mask", "image", "prompt", "is_caption")}
+
+
+class _Progress:
+  """tqdm on process 0 when enabled, else periodic log lines."""
+
+  def __init__(self, enabled: bool, total: int, initial: int):
+    self.bar = None
+    if enabled and jax.process_index() == 0:
+      from tqdm.auto import tqdm
+      self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+
+  def update(self, n: int, postfix: Optional[dict] = None):
+    if self.bar is not None:
+      self.bar.update(n)
+      if postfix:
+        self.bar.set_postfix(postfix, refresh=False)
+
+  def write(self, msg: str):
+    if self.bar is not None:
+      self.bar.write(msg)
+    elif jax.process_index() == 0:
+      print(msg, flush=True)
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+
+
+def run(c, workdir: str) -> dict:
+  """Train to ``c.train.steps`` (resuming from ``workdir`` if it has a checkpoint).
+
+  Returns a summary dict: final step, last train loss, final eval/test metrics,
+  ``preempted`` (True if SIGTERM stopped the run after saving).
+  """
+  shd.maybe_initialize_distributed()
+  mcfg = validate(c)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+  shardings = batch_shardings(mesh)
+  if c.train.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    raise ValueError(f"config.train.batch_size={c.train.batch_size} must divide by the "
+                     f"data*fsdp mesh size {mesh.shape['data'] * mesh.shape['fsdp']}")
+
+  train_src = load_split(c, c.data.train_split)
+  train_data = pipeline_for(c, train_src, train=True, batch_size=c.train.batch_size)
+  tx = make_optimizer(c)
+  graphdef, rest, state, state_sh = create_train_state(mcfg, tx, mesh, c.seed)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.every,
+                      keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(abstract_train_state(state, state_sh), train_data.iterator)
+    log.info("resumed from step %d in %s", int(state.step), workdir)
+
+  train_shardings = {k: shardings[k] for k in MODEL_KEYS}
+  train_step = jit_train_step(make_train_step(graphdef, rest, tx, accum_steps=c.optim.accum_steps),
+                              state_sh, train_shardings, mesh)
+  eval_step = jax.jit(make_eval_step(graphdef, rest))
+  lr_at = schedule(c)
+  logger = MetricsLogger(workdir, tensorboard=c.logging.tensorboard)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  step = int(state.step)
+  progress = _Progress(c.logging.progress, c.train.steps, step)
+  progress.write(f"gptjax: {n_params:,} params, mesh {dict(mesh.shape)}, "
+                 f"{train_data.num_examples:,} train examples, workdir {workdir}")
+
+  def evaluate(split: str, decode_examples: int) -> tuple[dict, list]:
+    src = load_split(c, split)
+    bs = c.eval.batch_size
+    model = nnx.merge(graphdef, state.params, rest)
+    model.eval()
+    out = ev.eval_loss(eval_step, state.params,
+                       pipeline_for(c, src, train=False, batch_size=bs), shardings,
+                       max_batches=c.eval.max_batches)
+    samples = []
+    if c.data.task == "vqa" and decode_examples > 0:
+      acc, samples = ev.decode_accuracy(
+          model, pipeline_for(c, src, train=False, batch_size=bs), shardings,
+          max_new_tokens=c.data.target_len, max_examples=decode_examples)
+      out.update(acc)
+    return out, samples
+
+  watcher = PreemptionWatcher()
+  summary: dict = {"preempted": False}
+  tokens_per_step = None
+  last_log_time, last_log_step = time.perf_counter(), step
+  metrics = None
+  try:
+    while step < c.train.steps:
+      batch = global_batch(next(train_data), train_shardings)
+      if tokens_per_step is None:
+        tokens_per_step = int(np.prod(batch["inputs"].shape))
+      state, metrics = train_step(state, batch)
+      step += 1
+      if step % c.train.log_every == 0 or step == c.train.steps:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}  # the only host sync
+        now = time.perf_counter()
+        dt = (now - last_log_time) / max(step - last_log_step, 1)
+        last_log_time, last_log_step = now, step
+        m.update(lr=float(lr_at(step - 1)), step_time_s=dt,
+                 tokens_per_s=tokens_per_step / dt if dt > 0 else 0.0)
+        logger.write(step, "train", m)
+        summary["train_loss"] = m["loss"]
+        summary["tokens_per_s"] = m["tokens_per_s"]
+        progress.update(step - progress_n(progress, step), {
+            "loss": f"{m['loss']:.4f}", "tok/s": f"{m['tokens_per_s']:,.0f}",
+            "step": f"{dt * 1e3:.0f}ms"})
+      every = eval_every(c)
+      if every and step % every == 0 and step < c.train.steps:
+        out, _ = evaluate(c.data.eval_split, c.eval.decode_examples)
+        logger.write(step, "eval", out)
+        progress.write(f"step {step}: eval " + _fmt(out))
+      if ckpt.should_save(step):
+        ckpt.save(step, state, train_data.iterator)
+      if watcher.should_stop(step):
+        ckpt.save(step, state, train_data.iterator, force=True)
+        ckpt.wait()
+        progress.write(f"preempted (SIGTERM): saved step {step}, exiting")
+        summary.update(preempted=True, step=step)
+        return summary
+    if ckpt.latest_step() != step:
+      ckpt.save(step, state, train_data.iterator, force=True)
+    ckpt.wait()
+    summary["step"] = step
+    for split, key in ((c.data.eval_split, "eval"), (c.data.test_split, "test")):
+      if not split:
+        continue
+      try:
+        out, samples = evaluate(split, c.eval.decode_examples)
+      except ValueError as e:  # e.g. text_files has no test split
+        progress.write(f"skipping {key} on split {split!r}: {e}")
+        continue
+      logger.write(step, key, out)
+      summary[key] = out
+      progress.write(f"final {key} ({split}): " + _fmt(out))
+      if key == "test" and samples:
+        for s in samples[: c.eval.samples_to_print]:
+          progress.write(f"  {s.prompt!r:42} -> {s.prediction!r}   (truth {s.truth!r})")
+        png = ev.save_samples_png(samples, os.path.join(workdir, "samples.png"))
+        if png:
+          progress.write(f"samples: {png}")
+    if c.logging.plot:
+      png = plot_losses(workdir)
+      if png:
+        progress.write(f"loss curves: {png}")
+    return summary
+  finally:
+    watcher.close()
+    progress.close()
+    logger.close()
+    ckpt.close()
+
+
+def progress_n(progress: _Progress, step: int) -> int:
+  return progress.bar.n if progress.bar is not None else step
+
+
+def _fmt(d: dict) -> str:
+  return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())

@@ -1,0 +1,81 @@
+"""Metrics out of the loop: JSONL (always), TensorBoard event files (tensorboardX, no
+TensorFlow) and a PNG of the loss curves at the end. Process 0 writes; others no-op."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping, Optional
+
+import jax
+
+
+class MetricsLogger:
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      if tensorboard:
+        try:
+          from tensorboardX import SummaryWriter
+          self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+        except ImportError:  # optional extra: JSONL still has everything
+          self.tb = None
+
+  def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), "split": split,
+           **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self.tb is not None:
+      for k, v in metrics.items():
+        self.tb.add_scalar(f"{split}/{k}", float(v), int(step))
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(workdir: str, out: Optional[str] = None) -> Optional[str]:
+  """loss_curves.png: train loss (and eval loss / accuracies if logged) against step."""
+  rows = read_metrics(workdir)
+  if not rows or jax.process_index() != 0:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+  for split, style in (("train", "-"), ("eval", "o-")):
+    pts = [(r["step"], r["loss"]) for r in rows if r["split"] == split and "loss" in r
+           and math.isfinite(r["loss"])]
+    if pts:
+      ax.plot(*zip(*pts), style, label=f"{split} loss", markersize=4)
+  ax.set_xlabel("step"), ax.set_ylabel("cross-entropy (nats/token)"), ax.set_yscale("log")
+  ax.grid(alpha=0.3), ax.legend()
+  for key in ("caption_exact_match", "vqa_accuracy"):
+    pts = [(r["step"], r[key]) for r in rows if r["split"] == "eval" and key in r]
+    if pts:
+      ax2.plot(*zip(*pts), "o-", label=key, markersize=4)
+  ax2.set_xlabel("step"), ax2.set_ylim(-0.02, 1.02), ax2.grid(alpha=0.3)
+  if ax2.lines:
+    ax2.legend()
+  ax2.set_title("eval accuracy")
+  fig.tight_layout()
+  out = out or os.path.join(workdir, "loss_curves.png")
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+  return out

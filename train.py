@@ -1,0 +1,36 @@
+"""Train a gptjax model.
+
+  python train.py --config configs/demo.py --workdir runs/demo
+  python train.py --config configs/demo.py --config.optim.lr=1e-3 --config.train.steps=200 --workdir runs/x
+
+An existing checkpoint in --workdir is resumed. SIGTERM (a preemptible TPU VM being
+reclaimed) saves at the next step boundary and exits 0; rerunning the same command resumes.
+"""
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, plots.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Our own progress at INFO; libraries (orbax, absl) only from WARNING up.
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+  logging.getLogger("gptjax").setLevel(logging.INFO)
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  from gptjax.train.loop import run  # after flag parsing: keeps --help fast
+  summary = run(_CONFIG.value, _WORKDIR.value)
+  if summary.get("preempted"):
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+  app.run(main)
