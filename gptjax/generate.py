@@ -7,10 +7,11 @@ a row (later positions repeat it) and the loop exits early once every row has st
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gptjax.model import VLM, check_tokens
@@ -39,7 +40,7 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature, greedy: boo
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "max_len", "greedy",
                                              "top_k", "top_p", "stop_token"))
-def _generate(graphdef, state, tokens, image, key, temperature, *, max_new_tokens: int,
+def _generate(graphdef, state, tokens, token_mask, image, key, temperature, *, max_new_tokens: int,
               max_len: int, greedy: bool, top_k, top_p, stop_token):
   model = nnx.merge(graphdef, state)
   model.eval()  # no dropout while sampling
@@ -50,9 +51,9 @@ def _generate(graphdef, state, tokens, image, key, temperature, *, max_new_token
 
   cache = model.init_cache(b, max_len)
   if image is None:
-    logits, cache = model.decode(tokens, cache)
+    logits, cache = model.decode(tokens, cache, token_mask=token_mask)
   else:
-    logits, cache = model.decode(tokens, cache, image=image)
+    logits, cache = model.decode(tokens, cache, image=image, token_mask=token_mask)
   key, sub = jax.random.split(key)
   tok = sample(logits, sub)
   out = jnp.full((b, max_new_tokens), fill, jnp.int32).at[:, 0].set(tok)
@@ -76,17 +77,43 @@ def _generate(graphdef, state, tokens, image, key, temperature, *, max_new_token
   return jax.lax.while_loop(cond, body, carry)[4]
 
 
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Ragged prompts -> left-padded (B, T) int32 tokens and their (B, T) bool mask."""
+  if not len(prompts) or any(len(p) == 0 for p in prompts):
+    raise ValueError("prompts must be a non-empty list of non-empty token sequences")
+  t = max(len(p) for p in prompts)
+  tokens = np.full((len(prompts), t), pad_id, np.int32)
+  mask = np.zeros((len(prompts), t), bool)
+  for i, p in enumerate(prompts):
+    tokens[i, t - len(p):] = p
+    mask[i, t - len(p):] = True
+  return tokens, mask
+
+
 def generate(model: nnx.Module, tokens, max_new_tokens: int, *, image=None,
              temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, seed: int = 0,
-             stop_token: Optional[int] = None) -> jax.Array:
-  """Sample ``max_new_tokens`` continuations of ``tokens`` (B, T) -> (B, max_new_tokens) int32.
+             stop_token: Optional[int] = None, prompt_mask=None) -> jax.Array:
+  """Sample ``max_new_tokens`` continuations of ``tokens`` -> (B, max_new_tokens) int32.
 
-  ``image`` (B, H, W, C) conditions a ``VLM``. ``temperature=0`` is greedy; ``top_k`` /
-  ``top_p`` restrict sampling. All rows share the prompt length T (no padding).
+  ``tokens``: a (B, T) array, or a list of token lists of different lengths (left-padded
+  here). ``prompt_mask`` (B, T) bool marks the real tokens of a left-padded array batch;
+  padding is never attended and does not shift positions, so each row decodes exactly as
+  it would alone. ``image`` (B, H, W, C) conditions a ``VLM``. ``temperature=0`` is
+  greedy; ``top_k`` / ``top_p`` restrict sampling.
   """
   cfg = model.config
+  if isinstance(tokens, (list, tuple)) and tokens and not np.isscalar(tokens[0]) and \
+      len({len(p) for p in tokens}) > 1:
+    if prompt_mask is not None:
+      raise ValueError("prompt_mask is only for (B, T) arrays; ragged lists are padded here")
+    tokens, prompt_mask = pad_prompts(tokens)
   tokens = jnp.asarray(tokens, jnp.int32)
+  if prompt_mask is not None:
+    prompt_mask = jnp.asarray(prompt_mask, bool)
+    if prompt_mask.shape != tokens.shape:
+      raise ValueError(f"prompt_mask shape {prompt_mask.shape} must equal tokens shape "
+                       f"{tokens.shape}")
   if tokens.ndim != 2 or tokens.shape[1] == 0:
     raise ValueError(f"tokens shape {tokens.shape} is invalid: expected (B, T) with T >= 1")
   check_tokens(tokens, cfg.vocab_size)
@@ -104,13 +131,13 @@ def generate(model: nnx.Module, tokens, max_new_tokens: int, *, image=None,
                        "only a VLM takes images")
     image = jnp.asarray(image)
   p = cfg.num_image_tokens if image is not None else 0
-  max_len = p + tokens.shape[1] + max_new_tokens
+  max_len = p + tokens.shape[1] + max_new_tokens  # padding slots included
   if cfg.position == "learned" and max_len > cfg.max_seq_len:
     raise ValueError(f"image tokens ({p}) + prompt ({tokens.shape[1]}) + max_new_tokens "
                      f"({max_new_tokens}) = {max_len} exceeds ModelConfig.max_seq_len="
                      f"{cfg.max_seq_len}")
   graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, tokens, image, jax.random.key(seed),
+  return _generate(graphdef, state, tokens, prompt_mask, image, jax.random.key(seed),
                    jnp.asarray(temperature if temperature > 0 else 1.0, jnp.float32),
                    max_new_tokens=max_new_tokens, max_len=max_len,
                    greedy=temperature == 0.0, top_k=top_k, top_p=top_p, stop_token=stop_token)

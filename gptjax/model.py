@@ -14,7 +14,8 @@ import numpy as np
 from flax import nnx
 
 from gptjax.config import ModelConfig
-from gptjax.layers.attention import Attention, KVCache, LinearState
+from gptjax.layers.attention import (PAD_SEGMENT, SHARED_SEGMENT, Attention, KVCache,
+                                     LinearState)
 from gptjax.layers.embed import Embed, LearnedPositions
 from gptjax.layers.linear import Dense
 from gptjax.layers.mlp import MLP
@@ -24,10 +25,13 @@ from gptjax.vision import make_vision_encoder
 
 class Cache(NamedTuple):
   """Decode cache for the whole decoder: one entry per *applied* layer (depth of them,
-  even when blocks share weights: their activations differ), and the number of filled
-  positions."""
+  even when blocks share weights: their activations differ), the number of filled slots,
+  each slot's segment id (PAD_SEGMENT for left padding of ragged prompts, never attended)
+  and each row's count of padding slots (a token's position = its slot - pad)."""
   layers: tuple
   index: jax.Array  # int32 scalar
+  segments: jax.Array  # (B, S_max) int32
+  pad: jax.Array  # (B,) int32
 
 
 def make_dropout(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Dropout:
@@ -50,9 +54,11 @@ class Block(nnx.Module):
                    param_dtype=cfg.weight_dtype, out_init_scale=1.0 / (2 * cfg.depth), rngs=rngs)
     self.dropout = make_dropout(cfg, rngs)
 
-  def __call__(self, x, *, positions=None, cache=None, cache_index=None, prefix_len=None):
+  def __call__(self, x, *, positions=None, cache=None, cache_index=None, prefix_len=None,
+               segment_ids=None, kv_segment_ids=None):
     h, cache = self.attn(self.attn_norm(x), positions=positions, cache=cache,
-                         cache_index=cache_index, prefix_len=prefix_len)
+                         cache_index=cache_index, prefix_len=prefix_len,
+                         segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
     x = x + self.dropout(h)
     x = x + self.dropout(self.mlp(self.mlp_norm(x)))
     return x, cache
@@ -94,12 +100,14 @@ class GPT(nnx.Module):
   def layer(self, i: int) -> Block:
     return self.blocks[i % len(self.blocks)]
 
-  def embed_inputs(self, tokens: jax.Array, prefix: Optional[jax.Array], offset) -> jax.Array:
+  def embed_inputs(self, tokens: jax.Array, prefix: Optional[jax.Array],
+                   positions: jax.Array) -> jax.Array:
+    """[prefix | token embeddings] + positional embeddings at ``positions`` (B, S)."""
     x = self.embed(tokens)
     if prefix is not None:
       x = jnp.concatenate([prefix.astype(x.dtype), x], axis=1)
     if self.positions is not None:
-      x = x + self.positions(offset + jnp.arange(x.shape[1]))
+      x = x + self.positions(positions)
     return self.dropout(x)
 
   def logits(self, h: jax.Array) -> jax.Array:
@@ -108,35 +116,55 @@ class GPT(nnx.Module):
       return self.embed.attend(h)
     return self.head(h).astype(jnp.float32)
 
-  def _stack(self, x, *, positions, caches=None, cache_index=None, prefix_len=None):
+  def _stack(self, x, *, positions, caches=None, cache_index=None, prefix_len=None,
+             segment_ids=None, kv_segment_ids=None):
     cfg = self.config
     new_caches = []
+    kw = dict(positions=positions, prefix_len=prefix_len, segment_ids=segment_ids)
     for i in range(cfg.depth):
       block = self.layer(i)
-      cache = None if caches is None else caches[i]
       if cfg.remat and caches is None:
         # Rematerialise each block in the backward pass: activation memory O(1) in depth.
-        x, cache = nnx.remat(lambda b, y: b(y, positions=positions, prefix_len=prefix_len))(block, x)
+        x, cache = nnx.remat(lambda b, y: b(y, **kw))(block, x)
       else:
-        x, cache = block(x, positions=positions, cache=cache, cache_index=cache_index,
-                         prefix_len=prefix_len)
+        x, cache = block(x, cache=None if caches is None else caches[i],
+                         cache_index=cache_index, kv_segment_ids=kv_segment_ids, **kw)
       new_caches.append(cache)
     return x, tuple(new_caches)
 
   # -- public -------------------------------------------------------------------------
   def __call__(self, tokens: jax.Array, *, prefix: Optional[jax.Array] = None,
-               return_hidden: bool = False):
+               segment_ids: Optional[jax.Array] = None, positions: Optional[jax.Array] = None,
+               return_hidden: bool = False, cache: Optional[Cache] = None,
+               token_mask: Optional[jax.Array] = None):
     """Full (training) forward. tokens (B, T) int -> logits (B, T, V) float32.
 
-    ``prefix`` (B, P, D): embeddings placed before the text (image tokens); logits are
-    returned for the text positions only. ``return_hidden`` also returns the final
-    hidden states (B, T, D) (before the final norm), e.g. for distillation.
+    With ``cache`` this is ``decode`` instead (returns (last logits, cache)). Decoding goes
+    through ``__call__`` on purpose: wrappers that intercept a model's ``__call__`` (qwix
+    quantization) then also cover cached decoding.
+
+    ``prefix`` (B, P, D): embeddings placed before the text (image tokens, positions
+    0..P-1); logits are returned for the text positions only.
+    ``segment_ids`` (B, T): text segments for packing several sequences into one row
+    (ids >= 1, each sees only itself and the prefix) and padding (PAD_SEGMENT = -1, never
+    seen); ``positions`` (B, T): text positions, e.g. restarting at 0 in every segment
+    (default 0..T-1). ``return_hidden`` also returns the final hidden states (B, T, D)
+    (before the final norm), e.g. for distillation.
     """
+    if cache is not None:
+      return self._decode(tokens, cache, prefix=prefix, token_mask=token_mask)
     check_tokens(tokens, self.config.vocab_size)
+    b, t = tokens.shape
     p = 0 if prefix is None else prefix.shape[1]
-    x = self.embed_inputs(tokens, prefix, 0)
+    text_pos = jnp.broadcast_to(jnp.arange(t) if positions is None else positions, (b, t))
+    pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (b, p)), p + text_pos], axis=1)
+    seg = None
+    if segment_ids is not None:
+      seg = jnp.concatenate([jnp.full((b, p), SHARED_SEGMENT, jnp.int32),
+                             segment_ids.astype(jnp.int32)], axis=1)
+    x = self.embed_inputs(tokens, prefix, pos)
     prefix_len = p if (p and self.config.prefix_lm) else None
-    h, _ = self._stack(x, positions=jnp.arange(x.shape[1]), prefix_len=prefix_len)
+    h, _ = self._stack(x, positions=pos, prefix_len=prefix_len, segment_ids=seg)
     h = h[:, p:]
     logits = self.logits(h)
     return (logits, h) if return_hidden else logits
@@ -151,23 +179,44 @@ class GPT(nnx.Module):
       layer = lambda: KVCache.zeros(batch_size, max_len, cfg.kv_heads, cfg.head_dim, dtype)
     else:
       layer = lambda: LinearState.zeros(batch_size, cfg.num_heads, cfg.head_dim)
-    return Cache(tuple(layer() for _ in range(cfg.depth)), jnp.zeros((), jnp.int32))
+    return Cache(tuple(layer() for _ in range(cfg.depth)), jnp.zeros((), jnp.int32),
+                 jnp.full((batch_size, max_len), PAD_SEGMENT, jnp.int32),
+                 jnp.zeros((batch_size,), jnp.int32))
 
-  def decode(self, tokens: jax.Array, cache: Cache, *, prefix: Optional[jax.Array] = None):
+  def decode(self, tokens: jax.Array, cache: Cache, *, prefix: Optional[jax.Array] = None,
+             token_mask: Optional[jax.Array] = None):
+    """Append ``tokens`` (and a ``prefix``, at prefill) to ``cache``; see ``_decode``."""
+    return self(tokens, prefix=prefix, cache=cache, token_mask=token_mask)
+
+  def _decode(self, tokens: jax.Array, cache: Cache, *, prefix: Optional[jax.Array] = None,
+              token_mask: Optional[jax.Array] = None):
     """Append ``tokens`` (and a ``prefix``, at prefill) to ``cache``.
 
+    ``token_mask`` (B, T) bool marks real tokens; False entries must be *left* padding of
+    a ragged prompt batch (they are never attended and do not advance positions).
     Returns (logits of the last position (B, V) float32, updated cache). Prefill and
     single-token steps are the same call.
     """
     check_tokens(tokens, self.config.vocab_size)
+    b, t = tokens.shape
     p = 0 if prefix is None else prefix.shape[1]
-    x = self.embed_inputs(tokens, prefix, cache.index)
-    positions = cache.index + jnp.arange(x.shape[1])
+    if token_mask is None:
+      token_mask = jnp.ones((b, t), bool)
+    text_seg = jnp.where(token_mask, 1, PAD_SEGMENT).astype(jnp.int32)
+    seg = jnp.concatenate([jnp.full((b, p), SHARED_SEGMENT, jnp.int32), text_seg], axis=1)
+    pad = cache.pad + jnp.sum(~token_mask, axis=1).astype(jnp.int32)
+    slots = cache.index + jnp.arange(p + t)
+    # Position of a slot: its index minus the row's padding before it (prefix: no padding).
+    pad_before = jnp.concatenate([jnp.broadcast_to(cache.pad[:, None], (b, p)),
+                                  cache.pad[:, None] + jnp.cumsum(~token_mask, axis=1)], axis=1)
+    pos = jnp.maximum(slots[None, :] - pad_before, 0)
+    segments = jax.lax.dynamic_update_slice_in_dim(cache.segments, seg, cache.index, axis=1)
+    x = self.embed_inputs(tokens, prefix, pos)
     prefix_len = p if (p and self.config.prefix_lm) else None
-    h, layers = self._stack(x, positions=positions, caches=cache.layers,
-                            cache_index=cache.index, prefix_len=prefix_len)
+    h, layers = self._stack(x, positions=pos, caches=cache.layers, cache_index=cache.index,
+                            prefix_len=prefix_len, segment_ids=seg, kv_segment_ids=segments)
     logits = self.logits(h[:, -1])
-    return logits, Cache(layers, cache.index + x.shape[1])
+    return logits, Cache(layers, cache.index + p + t, segments, pad)
 
 
 class Projector(nnx.Module):
@@ -207,16 +256,24 @@ class VLM(nnx.Module):
     return self.projector(self.vision(image))
 
   def __call__(self, tokens: jax.Array, image: Optional[jax.Array] = None, *,
-               return_hidden: bool = False):
+               segment_ids: Optional[jax.Array] = None, positions: Optional[jax.Array] = None,
+               return_hidden: bool = False, cache: Optional[Cache] = None,
+               token_mask: Optional[jax.Array] = None):
+    """Text logits (B, T, V); see ``GPT.__call__`` for packing / padding arguments and for
+    ``cache`` (decoding)."""
     prefix = None if image is None else self.encode_image(image)
-    return self.decoder(tokens, prefix=prefix, return_hidden=return_hidden)
+    if cache is not None:
+      return self.decoder(tokens, prefix=prefix, cache=cache, token_mask=token_mask)
+    return self.decoder(tokens, prefix=prefix, segment_ids=segment_ids, positions=positions,
+                        return_hidden=return_hidden)
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> Cache:
     return self.decoder.init_cache(batch_size, max_len, dtype)
 
-  def decode(self, tokens: jax.Array, cache: Cache, *, image: Optional[jax.Array] = None):
-    prefix = None if image is None else self.encode_image(image)
-    return self.decoder.decode(tokens, cache, prefix=prefix)
+  def decode(self, tokens: jax.Array, cache: Cache, *, image: Optional[jax.Array] = None,
+             token_mask: Optional[jax.Array] = None):
+    """Append tokens (and the image, at prefill) to ``cache`` -> (last logits, cache)."""
+    return self(tokens, image, cache=cache, token_mask=token_mask)
 
 
 def count_params(model_or_state) -> int:

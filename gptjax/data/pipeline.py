@@ -4,8 +4,13 @@ Two tasks:
 - ``vqa``: image + prompt -> target (captioning and visual question answering). Each row is
   ``[pad.. <bos> prompt <sep>] [target <eos> pad..]``: the prompt is left-padded to
   ``prompt_len`` and the target right-padded to ``target_len``, so every answer starts at the
-  same position and greedy decoding at eval needs no per-row offsets. The loss is on the
-  target tokens and ``<eos>`` only.
+  same position and a batch decodes in one call. Padding carries segment id -1 (never
+  attended) and real tokens take positions 0, 1, ... after it, so a padded row computes
+  exactly what the unpadded sequence would. The loss is on the target tokens and ``<eos>``.
+  With ``pack=True`` (softmax attention) all tasks of one image share a row instead:
+  ``[<bos> p1 <sep> t1 <eos>][<bos> p2 <sep> t2 <eos>]...`` with segment ids 1, 2, ... —
+  each segment sees only itself and the image — so the image is encoded once per record
+  rather than once per task and little compute goes to padding.
 - ``lm``: documents joined with ``<eos>`` and cut into ``seq_len + 1`` windows (GPT-2 style
   packing, no cross-document masking), loss on every token.
 
@@ -80,23 +85,74 @@ class TaskSource:
     return f"TaskSource({self.name}, records={len(self.source)}, tasks={self.tasks})"
 
 
-def encode_vqa(ex: Example, tok: ByteTokenizer, prompt_len: int, target_len: int) -> dict:
-  """-> inputs/targets/loss_mask (text_len = prompt_len + target_len - 1), image, prompt."""
+PAD_SEGMENT = -1  # = gptjax.layers.attention.PAD_SEGMENT (kept import-light here)
+
+
+def _task_tokens(ex: Example, tok: ByteTokenizer, prompt_len: int, target_len: int):
   prompt = tok.encode(ex.prompt, bos=True) + [tok.sep_id]
   target = tok.encode(ex.target) + [tok.eos_id]
   if len(prompt) > prompt_len:
     raise ValueError(f"prompt {ex.prompt!r} needs {len(prompt)} tokens > data.prompt_len={prompt_len}")
   if len(target) > target_len:
     raise ValueError(f"target {ex.target!r} needs {len(target)} tokens > data.target_len={target_len}")
-  seq = [tok.pad_id] * (prompt_len - len(prompt)) + prompt + target
-  seq += [tok.pad_id] * (prompt_len + target_len - len(seq))
-  seq = np.asarray(seq, np.int32)
-  mask = np.zeros(len(seq), np.float32)
+  return prompt, target
+
+
+def _shifted(seq, mask, seg, pos) -> dict:
+  """Next-token form: inputs[j] predicts targets[j] = seq[j + 1]."""
+  return {"inputs": seq[:-1], "targets": seq[1:], "loss_mask": mask[1:],
+          "segment_ids": seg[:-1], "positions": pos[:-1]}
+
+
+def encode_vqa(ex: Example, tok: ByteTokenizer, prompt_len: int, target_len: int) -> dict:
+  """One task per row -> inputs/targets/loss_mask/segment_ids/positions (text_len =
+  prompt_len + target_len - 1), image, and the left-padded ``prompt`` for decoding."""
+  prompt, target = _task_tokens(ex, tok, prompt_len, target_len)
+  lpad = prompt_len - len(prompt)
+  n = len(prompt) + len(target)
+  total = prompt_len + target_len
+  seq = np.full(total, tok.pad_id, np.int32)
+  seq[lpad:lpad + n] = prompt + target
+  real = np.zeros(total, bool)
+  real[lpad:lpad + n] = True
+  mask = np.zeros(total, np.float32)
   mask[prompt_len:prompt_len + len(target)] = 1.0  # positions of target tokens in `seq`
-  out = {"inputs": seq[:-1], "targets": seq[1:], "loss_mask": mask[1:],
-         "prompt": seq[:prompt_len], "is_caption": np.int32(ex.kind == "caption")}
+  seg = np.where(real, 1, PAD_SEGMENT).astype(np.int32)
+  pos = np.clip(np.cumsum(real) - 1, 0, None).astype(np.int32)
+  out = _shifted(seq, mask, seg, pos)
+  out.update(prompt=seq[:prompt_len], is_caption=np.int32(ex.kind == "caption"))
   if ex.image is not None:
     out["image"] = ex.image.astype(np.uint8)
+  return out
+
+
+def encode_packed(tasks: Sequence[Example], tok: ByteTokenizer, prompt_len: int,
+                  target_len: int, packed_len: int) -> dict:
+  """All tasks of one record in one row of ``packed_len`` text tokens (+1 for the shift).
+
+  Tasks that no longer fit are dropped (in order: the caption first, then the questions).
+  """
+  total = packed_len + 1
+  seq = np.full(total, tok.pad_id, np.int32)
+  mask = np.zeros(total, np.float32)
+  seg = np.full(total, PAD_SEGMENT, np.int32)
+  pos = np.zeros(total, np.int32)
+  at = 0
+  for i, ex in enumerate(tasks):
+    prompt, target = _task_tokens(ex, tok, prompt_len, target_len)
+    n = len(prompt) + len(target)
+    if at + n > total:
+      break
+    seq[at:at + n] = prompt + target
+    mask[at + len(prompt):at + n] = 1.0
+    seg[at:at + n] = i + 1
+    pos[at:at + n] = np.arange(n)
+    at += n
+  if at == 0:
+    raise ValueError(f"data.packed_len={packed_len} cannot hold even the first task of a record")
+  out = _shifted(seq, mask, seg, pos)
+  if tasks[0].image is not None:
+    out["image"] = tasks[0].image.astype(np.uint8)
   return out
 
 
@@ -131,6 +187,7 @@ def make_pipeline(source, *, task: str, batch_size: int, seed: int = 0, shuffle:
                   seq_len: int = 128, text_key: str = "text", name: str = "data",
                   record_to_tasks: Optional[Callable[[dict], list[Example]]] = None,
                   tasks_per: Optional[int] = None, drop_remainder: bool = True,
+                  pack: bool = False, packed_len: int = 224,
                   process_index: Optional[int] = None, process_count: Optional[int] = None
                   ) -> Pipeline:
   """Batches of this process's share of ``batch_size`` (the global batch).
@@ -143,7 +200,11 @@ def make_pipeline(source, *, task: str, batch_size: int, seed: int = 0, shuffle:
   pc = jax.process_count() if process_count is None else process_count
   if batch_size % pc:
     raise ValueError(f"batch_size={batch_size} must divide by the {pc} processes")
-  if task == "vqa":
+  if task == "vqa" and pack:
+    make = record_to_tasks or tasks_per_record
+    ds = grain.MapDataset.source(TaskSource(source, 1, lambda r: [make(r)], name))
+    ds = ds.map(lambda tasks: encode_packed(tasks, tok, prompt_len, target_len, packed_len))
+  elif task == "vqa":
     make = record_to_tasks or tasks_per_record
     n_tasks = tasks_per or len(make(source[0]))
     ds = grain.MapDataset.source(TaskSource(source, n_tasks, make, name))

@@ -19,6 +19,13 @@ from gptjax.layers.linear import Dense
 
 LINEAR_EPS = 1e-6  # in the linear-attention normaliser: phi(q).z is > 0 but can underflow
 
+# Segment ids (optional, (B, S) int32) let one row hold several independent sequences
+# (packing) and padding: id 0 is a shared prefix (image tokens) that every query of the row
+# may see, ids >= 1 are separate text segments that see only themselves (and the prefix),
+# and PAD_SEGMENT marks padding, which no query ever sees.
+SHARED_SEGMENT = 0
+PAD_SEGMENT = -1
+
 
 # ----------------------------------------------------------------------------------------
 # Caches
@@ -56,15 +63,23 @@ def _repeat_kv(x: jax.Array, num_heads: int) -> jax.Array:
   return x if groups == 1 else jnp.repeat(x, groups, axis=-2)
 
 
-def _mask(t: int, s: int, *, causal: bool, q_offset, prefix_len) -> Optional[jax.Array]:
-  """(T, S) bool: query i (at position q_offset + i) may see key j."""
-  if not causal:
-    return None
-  qpos = jnp.arange(t)[:, None] + q_offset
-  kpos = jnp.arange(s)[None, :]
-  allowed = kpos <= qpos
-  if prefix_len is not None:
-    allowed = allowed | (kpos < prefix_len)
+def _mask(t: int, s: int, *, causal: bool, q_offset, prefix_len, q_segment_ids=None,
+          kv_segment_ids=None) -> Optional[jax.Array]:
+  """(B or 1, T, S) bool: query i (at buffer position q_offset + i) may see key j."""
+  allowed = None
+  if causal:
+    qpos = jnp.arange(t)[:, None] + q_offset
+    kpos = jnp.arange(s)[None, :]
+    allowed = kpos <= qpos
+    if prefix_len is not None:
+      allowed = allowed | (kpos < prefix_len)
+    allowed = allowed[None]
+  if kv_segment_ids is not None:
+    kseg = kv_segment_ids[:, None, :]
+    seg_ok = kseg != PAD_SEGMENT
+    if q_segment_ids is not None:
+      seg_ok = seg_ok & ((kseg == q_segment_ids[:, :, None]) | (kseg == SHARED_SEGMENT))
+    allowed = seg_ok if allowed is None else allowed & seg_ok
   return allowed
 
 
@@ -78,7 +93,7 @@ def _softmax_xla(q, k, v, mask):
   if mask is not None:
     # finfo.min rather than -inf: a fully masked row (never produced here, but cheap
     # insurance) gives a uniform distribution instead of NaN.
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)  # float32 whatever the activation dtype
   out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)
   return out.reshape(b, t, n, h)
@@ -119,6 +134,8 @@ def choose_implementation(requested: str, q: jax.Array, k: jax.Array, *, simple:
 
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
                       prefix_len: Optional[int] = None, q_offset=0,
+                      q_segment_ids: Optional[jax.Array] = None,
+                      kv_segment_ids: Optional[jax.Array] = None,
                       implementation: str = "auto") -> jax.Array:
   """Scaled dot-product attention, softmax in float32.
 
@@ -127,12 +144,14 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool 
     causal: query i sees keys j <= i + q_offset. False: every key is visible.
     prefix_len: prefix-LM; keys j < prefix_len are visible to every query (image tokens).
     q_offset: position of the first query (decoding against a cache); may be traced.
+    q_segment_ids, kv_segment_ids: (B, T) / (B, S) segment ids (see PAD_SEGMENT above);
+      kv alone masks padding keys.
     implementation: 'auto' | 'xla' | 'cudnn' | 'pallas'.
   """
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"num query heads {q.shape[2]} must be a multiple of kv heads {k.shape[2]}")
   simple = (prefix_len is None and isinstance(q_offset, int) and q_offset == 0
-            and (not causal or q.shape[1] == k.shape[1]))
+            and kv_segment_ids is None and (not causal or q.shape[1] == k.shape[1]))
   impl = choose_implementation(implementation, q, k, simple=simple)
   if impl == "cudnn":
     if not simple:
@@ -142,7 +161,8 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool 
     if not simple:
       raise ValueError("attention_impl='pallas' supports only plain causal/full masks")
     return _softmax_pallas_tpu(q, k, v, causal)
-  mask = _mask(q.shape[1], k.shape[1], causal=causal, q_offset=q_offset, prefix_len=prefix_len)
+  mask = _mask(q.shape[1], k.shape[1], causal=causal, q_offset=q_offset, prefix_len=prefix_len,
+               q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
   return _softmax_xla(q, k, v, mask)
 
 
@@ -155,7 +175,7 @@ def feature_map(x: jax.Array) -> jax.Array:
 
 def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: int = 64,
                      state: Optional[LinearState] = None, return_state: bool = False,
-                     prefix_len: Optional[int] = None):
+                     prefix_len: Optional[int] = None, kv_valid: Optional[jax.Array] = None):
   """Causal linear attention, chunked parallel form.
 
   out_t = phi(q_t) S_t / (phi(q_t) . z_t + eps), S_t = sum_{s<=t} phi(k_s) v_s^T,
@@ -170,6 +190,9 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: in
     state: incoming ``LinearState`` (tokens already consumed), default zeros.
     return_state: also return the state after the last token.
     prefix_len: prefix-LM; queries at positions < prefix_len see the whole prefix.
+    kv_valid: optional (B, T) bool; False keys/values (padding) are left out of the state.
+      (Linear attention has one running state per row, so it cannot isolate several packed
+      segments; padding is all it supports.)
   """
   b, t, n, h = q.shape
   k, v = _repeat_kv(k, n), _repeat_kv(v, n)
@@ -179,6 +202,8 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: in
   c = min(chunk_size, t)
   pad = (-t) % c
   fq, fk, v32 = feature_map(q), feature_map(k), v.astype(jnp.float32)
+  if kv_valid is not None:
+    fk = jnp.where(kv_valid[:, :, None, None], fk, 0.0)
   if pad:
     fq, fk, v32 = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (fq, fk, v32))
     valid = (jnp.arange(t + pad) < t)[None, :, None, None]
@@ -212,11 +237,14 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: in
   return (out, final) if return_state else out
 
 
-def linear_attention_step(q: jax.Array, k: jax.Array, v: jax.Array, state: LinearState):
+def linear_attention_step(q: jax.Array, k: jax.Array, v: jax.Array, state: LinearState,
+                          kv_valid: Optional[jax.Array] = None):
   """Recurrent form: one token (q (B, N, H), k/v (B, K, H)) from the O(1) state."""
   n = q.shape[1]
   k, v = _repeat_kv(k, n), _repeat_kv(v, n)
   fq, fk = feature_map(q), feature_map(k)
+  if kv_valid is not None:
+    fk = jnp.where(kv_valid[:, None, None], fk, 0.0)
   s = state.s + jnp.einsum("bnh,bne->bnhe", fk, v.astype(jnp.float32))
   z = state.z + fk
   out = jnp.einsum("bnh,bnhe->bne", fq, s) / (jnp.einsum("bnh,bnh->bn", fq, z)[..., None]
@@ -249,36 +277,48 @@ class Attention(nnx.Module):
     self.causal = causal
 
   def __call__(self, x: jax.Array, *, positions: Optional[jax.Array] = None, cache=None,
-               cache_index=None, prefix_len: Optional[int] = None):
+               cache_index=None, prefix_len: Optional[int] = None,
+               segment_ids: Optional[jax.Array] = None,
+               kv_segment_ids: Optional[jax.Array] = None):
+    """``segment_ids`` (B, T): the tokens' own segments; with a cache, ``kv_segment_ids``
+    (B, S_max) are the segments of every cache slot (after this call's update)."""
     q, k, v = self.q(x), self.k(x), self.v(x)
     if self.rope_theta is not None:
       q = apply_rope(q, positions, self.rope_theta)
       k = apply_rope(k, positions, self.rope_theta)
     if self.kind == "softmax":
-      y, cache = self._softmax(q, k, v, cache, cache_index, prefix_len)
+      y, cache = self._softmax(q, k, v, cache, cache_index, prefix_len, segment_ids,
+                               kv_segment_ids)
     else:
-      y, cache = self._linear(q, k, v, cache, prefix_len)
+      valid = None if segment_ids is None else segment_ids != PAD_SEGMENT
+      y, cache = self._linear(q, k, v, cache, prefix_len, valid)
     return self.o(y), cache
 
-  def _softmax(self, q, k, v, cache: Optional[KVCache], cache_index, prefix_len):
+  def _softmax(self, q, k, v, cache: Optional[KVCache], cache_index, prefix_len, segment_ids,
+               kv_segment_ids):
     if cache is None:
       return softmax_attention(q, k, v, causal=self.causal, prefix_len=prefix_len,
+                               q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                                implementation=self.impl), None
     upd = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=cache_index, axis=1)
     cache = KVCache(upd(cache.k, k.astype(cache.k.dtype)), upd(cache.v, v.astype(cache.v.dtype)))
     # Attend over the whole fixed-size cache: positions beyond the current one are masked
     # by causality, so the shapes stay static for jit.
     y = softmax_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), causal=True,
-                          prefix_len=prefix_len, q_offset=cache_index, implementation="xla")
+                          prefix_len=prefix_len, q_offset=cache_index,
+                          q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                          implementation="xla")
     return y, cache
 
-  def _linear(self, q, k, v, cache: Optional[LinearState], prefix_len):
+  def _linear(self, q, k, v, cache: Optional[LinearState], prefix_len, kv_valid):
     if not self.causal:
       raise ValueError("linear attention is causal only; use softmax for bidirectional encoders")
     if cache is None:
-      return linear_attention(q, k, v, chunk_size=self.chunk_size, prefix_len=prefix_len), None
+      return linear_attention(q, k, v, chunk_size=self.chunk_size, prefix_len=prefix_len,
+                              kv_valid=kv_valid), None
     if q.shape[1] == 1 and not prefix_len:
-      y, cache = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], cache)
+      y, cache = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], cache,
+                                       None if kv_valid is None else kv_valid[:, 0])
       return y[:, None], cache
     return linear_attention(q, k, v, chunk_size=self.chunk_size, state=cache,
-                            return_state=True, prefix_len=prefix_len)
+                            return_state=True, prefix_len=prefix_len, kv_valid=kv_valid)
