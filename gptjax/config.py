@@ -99,6 +99,7 @@ class ModelConfig:
   depth: int = 2  # number of layers applied
   num_heads: int = 4  # N
   num_kv_heads: Optional[int] = None  # K (GQA); None means = num_heads
+  head_size: Optional[int] = None  # H; None means width // num_heads (set by head pruning)
   mlp_dim: Optional[int] = None  # F; None means 4 * width
   mlp_activation: str = "gelu"
   norm: str = "layernorm"
@@ -122,7 +123,7 @@ class ModelConfig:
     c = "ModelConfig"
     for f in ("vocab_size", "max_seq_len", "width", "depth", "num_heads", "linear_chunk_size"):
       _check_positive(c, f, getattr(self, f))
-    for f in ("num_kv_heads", "mlp_dim", "num_unique_layers", "projector_hidden"):
+    for f in ("num_kv_heads", "head_size", "mlp_dim", "num_unique_layers", "projector_hidden"):
       if getattr(self, f) is not None:
         _check_positive(c, f, getattr(self, f))
     _check_choice(c, "attention", self.attention, ATTENTION_KINDS)
@@ -132,8 +133,9 @@ class ModelConfig:
     _check_choice(c, "position", self.position, POSITION_KINDS)
     _check_choice(c, "dtype", self.dtype, DTYPES)
     _check_choice(c, "param_dtype", self.param_dtype, DTYPES)
-    if self.width % self.num_heads:
-      _fail(c, "width", self.width, f"must be divisible by num_heads={self.num_heads}")
+    if self.head_size is None and self.width % self.num_heads:
+      _fail(c, "width", self.width, f"must be divisible by num_heads={self.num_heads} "
+            "(or set head_size explicitly)")
     if self.num_heads % self.kv_heads:
       _fail(c, "num_kv_heads", self.num_kv_heads,
             f"must divide num_heads={self.num_heads} (grouped-query attention)")
@@ -157,7 +159,7 @@ class ModelConfig:
   # Derived sizes (never stored twice).
   @property
   def head_dim(self) -> int:
-    return self.width // self.num_heads
+    return self.head_size or self.width // self.num_heads
 
   @property
   def kv_heads(self) -> int:

@@ -50,6 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
       paths=(),  # text_files: files, globs or directories
       task="vqa",  # 'vqa' (image + prompt -> target) | 'lm' (packed text)
       prompt_len=40, target_len=60,  # vqa (shapes: captions need 59)
+      pack=False,  # vqa + softmax attention: all tasks of an image in one row (training)
+      packed_len=224,  # text tokens per packed row
       seq_len=128,  # lm
       text_key="text", image_key="image", caption_key="caption",
       train_split="train", eval_split="validation", test_split="test",
@@ -64,7 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       every=250, batch_size=64, max_batches=8,  # loss/perplexity on the eval split
       decode_examples=256,  # greedy-decoded examples for caption / VQA exact match
-      samples_to_print=6))
+      samples_to_print=6,
+      at_end=True))  # final eval + test-split metrics, samples.png
   c.logging = ml_collections.ConfigDict(dict(tensorboard=True, plot=True, progress=True))
   c.lock()
   return c
@@ -100,6 +103,12 @@ def validate(c: ml_collections.ConfigDict) -> ModelConfig:
           f"must be divisible by optim.accum_steps={c.optim.accum_steps}")
   if not c.optim.lr > 0:
     _fail("optim.lr", c.optim.lr, "must be > 0")
+  if c.data.pack:
+    if c.data.task != "vqa":
+      _fail("data.pack", True, "packing applies to data.task='vqa' ('lm' windows are already full)")
+    if m.attention != "softmax":
+      _fail("data.pack", True, "packing needs model.attention='softmax' (linear attention keeps "
+            "one running state per row and cannot isolate packed segments)")
   if c.data.task == "vqa":
     if m.vision is None and c.data.name == "shapes":
       _fail("model.vision", None, "the 'shapes' data are images: set config.model.vision")
@@ -116,3 +125,16 @@ def validate(c: ml_collections.ConfigDict) -> ModelConfig:
 
 def eval_every(c) -> Optional[int]:
   return c.eval.every if c.eval.every and c.eval.every > 0 else None
+
+
+def load_config_file(path: str, *args) -> ml_collections.ConfigDict:
+  """``get_config(*args)`` of a ``configs/*.py`` file, e.g. for composing configs."""
+  import importlib.util
+  import os
+  spec = importlib.util.spec_from_file_location(
+      f"gptjax_config_{os.path.splitext(os.path.basename(path))[0]}", path)
+  if spec is None or spec.loader is None:
+    raise FileNotFoundError(f"config file {path!r} not found")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)

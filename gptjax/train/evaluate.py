@@ -68,8 +68,10 @@ def decode_accuracy(model: nnx.Module, batches: Iterable[dict], shardings: dict,
       keys["image"] = shardings["image"]
     g = global_batch({k: local[k] for k in keys}, keys)
     image = image_to_float(g["image"]) if "image" in g else None
+    g["prompt_mask"] = g["prompt"] != tok.pad_id  # left padding, never attended
     out = _local_rows(generate(model, g["prompt"], max_new_tokens, image=image,
-                               stop_token=tok.eos_id), shardings["inputs"])
+                               stop_token=tok.eos_id, prompt_mask=g["prompt_mask"]),
+                      shardings["inputs"])
     for i in range(out.shape[0]):
       truth_ids = local["targets"][i][local["loss_mask"][i] > 0]
       samples.append(Sample(

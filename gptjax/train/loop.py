@@ -2,10 +2,11 @@
 checkpoints (resume / preemption), periodic eval, logs and plots."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -17,6 +18,7 @@ from gptjax.data.datasets import load_source
 from gptjax.data.pipeline import global_batch, make_pipeline
 from gptjax.train import evaluate as ev
 from gptjax.train.config import eval_every, validate
+from gptjax.train.load import save_run_config
 from gptjax.train.metrics import MetricsLogger, plot_losses
 from gptjax.train.optim import make_optimizer, schedule
 from gptjax.train.state import abstract_train_state, create_train_state
@@ -41,12 +43,14 @@ def pipeline_for(c, source, *, train: bool, batch_size: int, seed_offset: int = 
   return make_pipeline(
       source, task=d.task, batch_size=batch_size, seed=c.seed + seed_offset, shuffle=train,
       repeat=train, prompt_len=d.prompt_len, target_len=d.target_len, seq_len=d.seq_len,
-      text_key=d.text_key, name=f"{d.name}", drop_remainder=True)
+      text_key=d.text_key, name=f"{d.name}", drop_remainder=True,
+      pack=bool(d.pack) and train, packed_len=d.packed_len)
 
 
 def batch_shardings(mesh) -> dict:
   s = shd.batch_sharding(mesh)
-  return {k: s for k in ("inputs", "targets", "loss_mask", "image", "prompt", "is_caption")}
+  return {k: s for k in ("inputs", "targets", "loss_mask", "image", "prompt", "is_caption",
+                         "segment_ids", "positions")}
 
 
 class _Progress:
@@ -75,7 +79,39 @@ class _Progress:
       self.bar.close()
 
 
-def run(c, workdir: str) -> dict:
+@dataclasses.dataclass
+class RunHooks:
+  """How another trainer (distillation, pruning fine-tune) reuses ``run``.
+
+  ``model_fn(cfg, seed)``: the module to train (default GPT/VLM). ``eval_model(module)``:
+  the GPT/VLM inside it to evaluate and sample from. ``loss_fn(module, batch, aux)`` and
+  ``aux`` (+ ``aux_shardings``): the step's loss and its extra argument (e.g. a frozen
+  teacher's params). ``wrap_tx(tx)``: wrap the optimizer (e.g. gradual pruning).
+  ``init_params``: start from these parameters instead of a random init.
+  """
+  model_fn: Optional[Callable] = None
+  eval_model: Callable = lambda m: m
+  loss_fn: Optional[Callable] = None
+  aux: Any = None
+  aux_shardings: Any = None
+  wrap_tx: Optional[Callable] = None
+  init_params: Any = None
+
+
+def resolve_dirs(workdir: str) -> tuple[str, str]:
+  """(checkpoint workdir, local log dir). A remote workdir (``gs://...``, what Cloud TPU
+  runs use) holds the checkpoints (Orbax writes there directly); metrics, TensorBoard
+  events and plots then go to the local ``runs/<name>``, since appending to object storage
+  is not possible."""
+  if "://" in workdir:
+    logdir = os.path.join("runs", workdir.rstrip("/").rsplit("/", 1)[-1])
+  else:
+    workdir = logdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(logdir, exist_ok=True)
+  return workdir, logdir
+
+
+def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
   """Train to ``c.train.steps`` (resuming from ``workdir`` if it has a checkpoint).
 
   Returns a summary dict: final step, last train loss, final eval/test metrics,
@@ -83,8 +119,8 @@ def run(c, workdir: str) -> dict:
   """
   shd.maybe_initialize_distributed()
   mcfg = validate(c)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
+  workdir, logdir = resolve_dirs(workdir)
+  save_run_config(c, logdir)
   mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
   shardings = batch_shardings(mesh)
   if c.train.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
@@ -93,8 +129,12 @@ def run(c, workdir: str) -> dict:
 
   train_src = load_split(c, c.data.train_split)
   train_data = pipeline_for(c, train_src, train=True, batch_size=c.train.batch_size)
+  hooks = hooks or RunHooks()
   tx = make_optimizer(c)
-  graphdef, rest, state, state_sh = create_train_state(mcfg, tx, mesh, c.seed)
+  if hooks.wrap_tx is not None:
+    tx = hooks.wrap_tx(tx)
+  graphdef, rest, state, state_sh = create_train_state(
+      mcfg, tx, mesh, c.seed, model_fn=hooks.model_fn, init_params=hooks.init_params)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.every,
                       keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
   if ckpt.latest_step() is not None:
@@ -102,11 +142,13 @@ def run(c, workdir: str) -> dict:
     log.info("resumed from step %d in %s", int(state.step), workdir)
 
   train_shardings = {k: shardings[k] for k in MODEL_KEYS}
-  train_step = jit_train_step(make_train_step(graphdef, rest, tx, accum_steps=c.optim.accum_steps),
-                              state_sh, train_shardings, mesh)
-  eval_step = jax.jit(make_eval_step(graphdef, rest))
+  train_step = jit_train_step(
+      make_train_step(graphdef, rest, tx, accum_steps=c.optim.accum_steps, loss_fn=hooks.loss_fn),
+      state_sh, train_shardings, mesh, aux_shardings=hooks.aux_shardings)
+  step_args = () if hooks.aux_shardings is None else (hooks.aux,)
+  eval_step = jax.jit(make_eval_step(graphdef, rest, hooks.eval_model))
   lr_at = schedule(c)
-  logger = MetricsLogger(workdir, tensorboard=c.logging.tensorboard)
+  logger = MetricsLogger(logdir, tensorboard=c.logging.tensorboard)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   step = int(state.step)
   progress = _Progress(c.logging.progress, c.train.steps, step)
@@ -116,7 +158,7 @@ def run(c, workdir: str) -> dict:
   def evaluate(split: str, decode_examples: int) -> tuple[dict, list]:
     src = load_split(c, split)
     bs = c.eval.batch_size
-    model = nnx.merge(graphdef, state.params, rest)
+    model = hooks.eval_model(nnx.merge(graphdef, state.params, rest))
     model.eval()
     out = ev.eval_loss(eval_step, state.params,
                        pipeline_for(c, src, train=False, batch_size=bs), shardings,
@@ -139,7 +181,7 @@ def run(c, workdir: str) -> dict:
       batch = global_batch(next(train_data), train_shardings)
       if tokens_per_step is None:
         tokens_per_step = int(np.prod(batch["inputs"].shape))
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, batch, *step_args)
       step += 1
       if step % c.train.log_every == 0 or step == c.train.steps:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}  # the only host sync
@@ -172,7 +214,7 @@ def run(c, workdir: str) -> dict:
     ckpt.wait()
     summary["step"] = step
     for split, key in ((c.data.eval_split, "eval"), (c.data.test_split, "test")):
-      if not split:
+      if not split or not c.eval.at_end:
         continue
       try:
         out, samples = evaluate(split, c.eval.decode_examples)
@@ -185,11 +227,11 @@ def run(c, workdir: str) -> dict:
       if key == "test" and samples:
         for s in samples[: c.eval.samples_to_print]:
           progress.write(f"  {s.prompt!r:42} -> {s.prediction!r}   (truth {s.truth!r})")
-        png = ev.save_samples_png(samples, os.path.join(workdir, "samples.png"))
+        png = ev.save_samples_png(samples, os.path.join(logdir, "samples.png"))
         if png:
           progress.write(f"samples: {png}")
     if c.logging.plot:
-      png = plot_losses(workdir)
+      png = plot_losses(logdir)
       if png:
         progress.write(f"loss curves: {png}")
     return summary

@@ -1,7 +1,7 @@
 """The training state pytree and its (sharded) creation."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import flax.struct
 import jax
@@ -31,26 +31,35 @@ def make_model(cfg: ModelConfig, seed: int = 0) -> nnx.Module:
   return (VLM if cfg.vision is not None else GPT)(cfg, rngs=rngs)
 
 
-def create_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, seed: int):
+def create_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, seed: int, *,
+                       model_fn: Optional[Callable[[ModelConfig, int], nnx.Module]] = None,
+                       init_params: Optional[nnx.State] = None):
   """Initialise directly into the target shardings (no full copy on one device).
 
+  ``model_fn(cfg, seed)`` builds the module (default: GPT or VLM by ``cfg.vision``);
+  ``init_params`` (an ``nnx.Param`` state of the module, or of part of it, e.g.
+  ``State({'model': ...})`` inside a wrapper) replaces the random initialisation there, e.g.
+  to fine-tune a distilled or pruned model.
   Returns (graphdef, rest, state, state_shardings); ``rest`` is the non-parameter model
   state (dropout RNG streams, reseeded every step, so never checkpointed).
   """
+  model_fn = model_fn or make_model
 
-  def init():
-    model = make_model(cfg, seed)
+  def init(start_params):
+    model = model_fn(cfg, seed)
+    if start_params is not None:
+      nnx.update(model, start_params)
     _, params, rest = nnx.split(model, nnx.Param, ...)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.key(seed))), rest
 
-  abstract_model = nnx.eval_shape(lambda: make_model(cfg, seed))
+  abstract_model = nnx.eval_shape(lambda: model_fn(cfg, seed))
   graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
-  abstract_state, _ = jax.eval_shape(init)
+  abstract_state, _ = jax.eval_shape(init, init_params)
   shardings = shd.state_shardings(abstract_state, mesh)
   with jax.set_mesh(mesh):
-    state, rest = jax.jit(init, out_shardings=(shardings, shd.replicated(mesh)))()
+    state, rest = jax.jit(init, out_shardings=(shardings, shd.replicated(mesh)))(init_params)
   return graphdef, rest, state, shardings
 
 

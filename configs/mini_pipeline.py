@@ -1,0 +1,27 @@
+"""GPT-4V -> GPT-4o-mini in one run: train the demo VLM (teacher), distil a >=4x smaller
+student, prune it (structured), quantize it to int8, and report every stage.
+
+  python -m gptjax.compress.pipeline --config configs/mini_pipeline.py --workdir runs/mini
+"""
+import os
+
+import ml_collections
+
+from gptjax.train.config import load_config_file, model_section, vision_section
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.teacher = load_config_file(os.path.join(HERE, "demo.py"))
+  c.student = load_config_file(os.path.join(HERE, "distill_mini.py"))
+  c.distill = ml_collections.ConfigDict(dict(alpha=0.7, temperature=2.0, hidden_weight=0.0))
+  c.prune = ml_collections.ConfigDict(dict(
+      mlp_keep_fraction=0.5,  # structured: half the MLP neurons of every block removed
+      heads_keep=0,  # 0 = keep all attention heads
+      finetune_steps=300))
+  c.quantize = ml_collections.ConfigDict(dict(method="int8", calibration_batches=4))
+  c.report = ml_collections.ConfigDict(dict(decode_examples=512, speed_batch=8,
+                                            speed_new_tokens=32))
+  return c
