@@ -7,6 +7,8 @@ parameters and optimizer state, remat per block. See README "Cloud TPU".
 The vocabulary keeps GPT-2's 50,257 rows (so HF GPT-2 weights map 1:1); the byte-level
 tokenizer uses the first 260 of them until a BPE tokenizer is configured.
 """
+import ml_collections
+
 from gptjax.train.config import base_config, model_section
 
 
@@ -14,6 +16,7 @@ def get_config():
   c = base_config()
   c.model = model_section("gpt2-small", dtype="bfloat16", param_dtype="float32", remat=True)
   c.data.name = "text_files"
+  c.data.builder_kwargs = ml_collections.ConfigDict()  # text_files takes only data.paths
   c.data.paths = ("data/*.txt",)
   c.data.task = "lm"
   c.data.seq_len = 1024

@@ -5,6 +5,8 @@
 
 By default it trains on this repository's own Python sources, so it runs out of the box.
 """
+import ml_collections
+
 from gptjax.train.config import base_config, model_section
 
 
@@ -12,6 +14,7 @@ def get_config():
   c = base_config()
   c.model = model_section("mini", max_seq_len=256, position="rope")
   c.data.name = "text_files"
+  c.data.builder_kwargs = ml_collections.ConfigDict()  # text_files takes only data.paths
   c.data.paths = ("gptjax/**/*.py",)
   c.data.task = "lm"
   c.data.seq_len = 256

@@ -1,4 +1,5 @@
-"""Model compression: pruning (``gptjax.compress.prune``).
+"""Compression: pruning, distillation, quantization and the teacher -> mini pipeline.
 
-Submodules are imported explicitly, e.g. ``from gptjax.compress import prune``.
+Submodules are imported explicitly (``from gptjax.compress import prune, distill, quantize``)
+so that ``import gptjax`` never pulls in qwix.
 """

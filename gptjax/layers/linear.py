@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn import dtypes
 
 Axes = tuple  # tuple[str | None, ...]
 
@@ -51,12 +52,14 @@ class Dense(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.kernel[...].astype(self.dtype)
-    x = x.astype(self.dtype)
+    bias = None if self.bias is None else self.bias[...]
+    # promote_dtype (as nnx.Linear does) rather than .astype: qwix swaps a quantized kernel
+    # for a QArray wrapper that intercepts this cast, where .astype would fail.
+    x, kernel, bias = dtypes.promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
     ndim_out = kernel.ndim - self.n_in
     y = jax.lax.dot_general(
         x, kernel,
         ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ())))
-    if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype).reshape((1,) * (y.ndim - ndim_out) + self.bias.shape)
+    if bias is not None:
+      y = y + bias.reshape((1,) * (y.ndim - ndim_out) + bias.shape)
     return y

@@ -62,7 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=500, batch_size=32, log_every=10))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(every=200, keep=3, async_save=True))
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every=200, keep=3, async_save=True,
+      step=ml_collections.config_dict.placeholder(int)))  # resume from this step (default latest)
   c.eval = ml_collections.ConfigDict(dict(
       every=250, batch_size=64, max_batches=8,  # loss/perplexity on the eval split
       decode_examples=256,  # greedy-decoded examples for caption / VQA exact match
@@ -90,6 +92,11 @@ def _fail(key: str, value, allowed: str):
 def validate(c: ml_collections.ConfigDict) -> ModelConfig:
   """Check the whole config once; returns the ModelConfig."""
   m = model_config(c)
+  from gptjax.data.tokenizer import ByteTokenizer
+  if m.vocab_size < ByteTokenizer.vocab_size:
+    _fail("model.vocab_size", m.vocab_size,
+          f"must be >= the tokenizer's vocab_size={ByteTokenizer.vocab_size} (byte-level "
+          "tokens would index past the embedding table)")
   if c.data.task not in TASKS:
     _fail("data.task", c.data.task, f"allowed values are {TASKS}")
   for key in ("train.steps", "train.batch_size", "optim.accum_steps", "train.log_every",

@@ -138,10 +138,14 @@ def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.every,
                       keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(abstract_train_state(state, state_sh), train_data.iterator)
+    state = ckpt.restore(abstract_train_state(state, state_sh), train_data.iterator,
+                         step=c.checkpoint.step)
     log.info("resumed from step %d in %s", int(state.step), workdir)
 
-  train_shardings = {k: shardings[k] for k in MODEL_KEYS}
+  # The step's input shardings must mirror the batch exactly: text-only (lm) batches have
+  # no image, padded/packed ones carry segment ids; take the keys from the first batch.
+  first_batch = next(train_data)
+  train_shardings = {k: shardings[k] for k in MODEL_KEYS if k in first_batch}
   train_step = jit_train_step(
       make_train_step(graphdef, rest, tx, accum_steps=c.optim.accum_steps, loss_fn=hooks.loss_fn),
       state_sh, train_shardings, mesh, aux_shardings=hooks.aux_shardings)
@@ -178,7 +182,8 @@ def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
   metrics = None
   try:
     while step < c.train.steps:
-      batch = global_batch(next(train_data), train_shardings)
+      local, first_batch = (first_batch, None) if first_batch is not None else (next(train_data), None)
+      batch = global_batch(local, train_shardings)
       if tokens_per_step is None:
         tokens_per_step = int(np.prod(batch["inputs"].shape))
       state, metrics = train_step(state, batch, *step_args)

@@ -56,6 +56,8 @@ def create_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh,
 
   abstract_model = nnx.eval_shape(lambda: model_fn(cfg, seed))
   graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
+  if init_params is not None:  # onto this mesh (it may come from another device set)
+    init_params = jax.device_put(init_params, shd.state_shardings(init_params, mesh))
   abstract_state, _ = jax.eval_shape(init, init_params)
   shardings = shd.state_shardings(abstract_state, mesh)
   with jax.set_mesh(mesh):

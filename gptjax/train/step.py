@@ -90,7 +90,7 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, accum_s
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": total / denom, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": total / denom, "grad_norm": optax.tree.norm(grads),
                "tokens": count}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
