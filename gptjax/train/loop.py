@@ -179,10 +179,11 @@ def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
   summary: dict = {"preempted": False}
   tokens_per_step = None
   last_log_time, last_log_step = time.perf_counter(), step
-  metrics = None
+  last_saved = ckpt.latest_step()
   try:
     while step < c.train.steps:
-      local, first_batch = (first_batch, None) if first_batch is not None else (next(train_data), None)
+      local = first_batch if first_batch is not None else next(train_data)
+      first_batch = None
       batch = global_batch(local, train_shardings)
       if tokens_per_step is None:
         tokens_per_step = int(np.prod(batch["inputs"].shape))
@@ -206,15 +207,17 @@ def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
         out, _ = evaluate(c.data.eval_split, c.eval.decode_examples)
         logger.write(step, "eval", out)
         progress.write(f"step {step}: eval " + _fmt(out))
+        last_log_time = time.perf_counter()  # keep eval time out of the step-time figure
       if ckpt.should_save(step):
         ckpt.save(step, state, train_data.iterator)
+        last_saved = step
       if watcher.should_stop(step):
         ckpt.save(step, state, train_data.iterator, force=True)
         ckpt.wait()
         progress.write(f"preempted (SIGTERM): saved step {step}, exiting")
         summary.update(preempted=True, step=step)
         return summary
-    if ckpt.latest_step() != step:
+    if last_saved != step:
       ckpt.save(step, state, train_data.iterator, force=True)
     ckpt.wait()
     summary["step"] = step
