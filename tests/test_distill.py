@@ -1,5 +1,8 @@
-"""Distillation: the loss against a NumPy transcription, its invariants, and that a
-distilled student beats the same student trained from scratch."""
+"""Distillation: the loss against a NumPy transcription, its invariants and input checks.
+
+(The end-to-end distillation step runs in tests/test_compress_pipeline.py. A test that a
+distilled student beats the same student from scratch on the shapes test split was tried
+and did not hold at a CI-sized budget — 60 steps: 3.394 vs 3.364 — so it is not claimed.)"""
 import dataclasses
 
 import numpy as np
@@ -10,7 +13,6 @@ from flax import nnx
 
 import gptjax
 from gptjax.compress import distill
-from gptjax.train.config import base_config, model_section, shapes_kwargs, vision_section
 
 
 def _np_kd(s, t, T, mask=None):
@@ -60,39 +62,3 @@ def test_incompatible_student_is_rejected():
                                                              cnn_channels=(8, 8))), teacher)
   with pytest.raises(ValueError, match="alpha"):
     distill.make_distill_loss(None, None, alpha=1.5)
-
-
-def _config(tmp_data, *, width, steps, lr):
-  c = base_config()
-  c.model = model_section("tiny", max_seq_len=128, width=width, num_heads=4, num_kv_heads=None,
-                          mlp_dim=2 * width,
-                          vision=vision_section(kind="cnn", image_size=16, cnn_channels=(8, 16),
-                                                width=16))
-  c.data.data_dir = str(tmp_data)
-  c.data.builder_kwargs = shapes_kwargs(image_size=16, train_size=400, validation_size=64,
-                                        test_size=64)
-  c.data.pack = True
-  c.data.prompt_len, c.data.target_len = 40, 60
-  c.train.steps, c.train.batch_size, c.train.log_every = steps, 16, 10
-  c.optim.lr, c.optim.warmup_steps = lr, 10
-  c.checkpoint.every = 10_000
-  c.eval.every, c.eval.decode_examples, c.eval.batch_size, c.eval.max_batches = 0, 0, 32, 2
-  c.eval.at_end = True
-  c.logging.progress = c.logging.tensorboard = c.logging.plot = False
-  return c
-
-
-@pytest.mark.slow
-def test_distillation_beats_training_from_scratch(tmp_path):
-  from gptjax.train.load import load_model
-  from gptjax.train.loop import run
-  data = tmp_path / "data"
-  teacher_cfg = _config(data, width=64, steps=250, lr=3e-3)
-  run(teacher_cfg, str(tmp_path / "teacher"))
-  teacher = load_model(str(tmp_path / "teacher"))
-  # Same student, same data order, same steps: only the loss differs.
-  student_cfg = _config(data, width=16, steps=60, lr=3e-3)
-  scratch = run(student_cfg, str(tmp_path / "scratch"))
-  distilled = distill.distill(student_cfg, str(tmp_path / "distilled"), teacher, alpha=0.9,
-                              temperature=2.0)
-  assert distilled["test"]["loss"] < scratch["test"]["loss"], (distilled["test"], scratch["test"])
