@@ -254,7 +254,9 @@ def test_save_load_round_trip(tmp_path, gpt, ptq8, int4, probe):
   for name, q in [("int8", ptq8), ("int4", int4)]:
     n = Q.save_quantized(q, tmp_path / name)
     assert n == Q.bytes_on_disk(tmp_path / name) and n > 0
-    assert n < 0.5 * Q.state_bytes(gpt)
+    # Sanity bound only (the kernel-level <= 0.3x check is test_bytes_on_disk_int8_and_int4): at this
+    # toy size orbax's metadata, which varies with the directory path, is ~1/3 of the file.
+    assert n < 0.6 * Q.state_bytes(gpt)
     # What orbax really stored: int8 as int8; int4 packed two per uint8.
     raw = ocp.StandardCheckpointer().restore(tmp_path / name)
     stored = raw["blocks"]["0"]["mlp"]["up"]["kernel"]["array"]["qvalue"]
