@@ -25,19 +25,17 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from gptjax import sharding as shd
 from gptjax.compress import distill as distill_lib
 from gptjax.compress import prune as prune_lib
 from gptjax.config import ModelConfig
-from gptjax.data.pipeline import global_batch
 from gptjax.data.tokenizer import ByteTokenizer
 from gptjax.generate import generate
 from gptjax.model import count_params
 from gptjax.train import evaluate as ev
-from gptjax.train.config import model_config, validate
+from gptjax.train.config import validate
 from gptjax.train.load import load_model
 from gptjax.train.loop import batch_shardings, load_split, pipeline_for, run
 from gptjax.train.step import MODEL_KEYS, loss_sums
@@ -85,12 +83,9 @@ def evaluate_stage(name: str, model: nnx.Module, c, bytes_on_disk: int, note: st
   shardings = batch_shardings(mesh)
   src = load_split(c, c.data.test_split)
   loss_fn = nnx.jit(lambda m, b: loss_sums(m, {k: v for k, v in b.items() if k in MODEL_KEYS}))
-  total, count = 0.0, 0.0
-  for i, local in enumerate(pipeline_for(c, src, train=False, batch_size=c.eval.batch_size)):
-    if i >= c.eval.max_batches:
-      break
-    t, n = loss_fn(model, global_batch(local, shardings))
-    total, count = total + float(t), count + float(n)
+  loss = ev.eval_loss(lambda _, b: loss_fn(model, b), None,
+                      pipeline_for(c, src, train=False, batch_size=c.eval.batch_size),
+                      shardings, max_batches=c.eval.max_batches)["loss"]
   acc, _ = ev.decode_accuracy(model, pipeline_for(c, src, train=False,
                                                   batch_size=c.eval.batch_size),
                               shardings, max_new_tokens=c.data.target_len,
@@ -109,7 +104,7 @@ def evaluate_stage(name: str, model: nnx.Module, c, bytes_on_disk: int, note: st
   tps = reps * speed_batch * speed_new_tokens / (time.perf_counter() - t0)
   from gptjax.compress.quantize import state_bytes
   return StageResult(name, params or count_params(model), bytes_on_disk,
-                     int(state_bytes(nnx.state(model, nnx.Param))), total / max(count, 1.0),
+                     int(state_bytes(nnx.state(model, nnx.Param))), loss,
                      acc.get("caption_exact_match"), acc.get("vqa_accuracy"), tps, note)
 
 

@@ -7,7 +7,6 @@ import math
 from typing import Callable, Iterable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 

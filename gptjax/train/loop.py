@@ -62,9 +62,9 @@ class _Progress:
       from tqdm.auto import tqdm
       self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
 
-  def update(self, n: int, postfix: Optional[dict] = None):
+  def update_to(self, step: int, postfix: Optional[dict] = None):
     if self.bar is not None:
-      self.bar.update(n)
+      self.bar.update(step - self.bar.n)
       if postfix:
         self.bar.set_postfix(postfix, refresh=False)
 
@@ -159,8 +159,12 @@ def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
   progress.write(f"gptjax: {n_params:,} params, mesh {dict(mesh.shape)}, "
                  f"{train_data.num_examples:,} train examples, workdir {workdir}")
 
+  sources = {}  # split -> source: opened once, not at every eval
+
   def evaluate(split: str, decode_examples: int) -> tuple[dict, list]:
-    src = load_split(c, split)
+    if split not in sources:
+      sources[split] = load_split(c, split)
+    src = sources[split]
     bs = c.eval.batch_size
     model = hooks.eval_model(nnx.merge(graphdef, state.params, rest))
     model.eval()
@@ -199,7 +203,7 @@ def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
         logger.write(step, "train", m)
         summary["train_loss"] = m["loss"]
         summary["tokens_per_s"] = m["tokens_per_s"]
-        progress.update(step - progress_n(progress, step), {
+        progress.update_to(step, {
             "loss": f"{m['loss']:.4f}", "tok/s": f"{m['tokens_per_s']:,.0f}",
             "step": f"{dt * 1e3:.0f}ms"})
       every = eval_every(c)
@@ -248,10 +252,6 @@ def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
     progress.close()
     logger.close()
     ckpt.close()
-
-
-def progress_n(progress: _Progress, step: int) -> int:
-  return progress.bar.n if progress.bar is not None else step
 
 
 def _fmt(d: dict) -> str:
