@@ -2,22 +2,28 @@
 configs/mini_pipeline.py; on its own it trains the same student from scratch:
 
   python train.py --config configs/distill_mini.py --workdir runs/mini_scratch
+
+Data settings are the demo's (same tokenizer, so the vocabularies match for distillation).
+The student is narrower (64), has a 3-stage CNN (4x4 grid + the global token: 17 image
+tokens instead of 65) and a short position table: what it keeps float on disk (embeddings,
+positions, norms) stays small next to its int8 kernels.
 """
-from gptjax.train.config import base_config, model_section, vision_section
+import os
+
+from gptjax.train.config import load_config_file, model_section, vision_section
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config():
-  c = base_config()
+  c = load_config_file(os.path.join(HERE, "demo.py"))
   c.model = model_section(
-      "mini", max_seq_len=128, width=64, depth=2, num_heads=4, mlp_dim=128,
-      vision=vision_section(kind="cnn", image_size=32, cnn_channels=(16, 32, 32), width=64))
-  c.data.name = "shapes"
-  c.data.task = "vqa"
-  c.data.pack = True
-  c.train.steps = 800
-  c.train.batch_size = 16
-  c.optim.lr = 3e-3
-  c.optim.warmup_steps = 50
-  c.checkpoint.every = 400
+      "mini", max_seq_len=64, width=64, depth=2, num_heads=4, mlp_dim=128, dropout=0.0,
+      vocab_size=c.model.vocab_size,
+      vision=vision_section(kind="cnn", image_size=32, cnn_channels=(16, 32, 32), width=64,
+                            global_token=True, cnn_pos_embed=True))
+  c.train.steps = 2000
+  c.optim.lr = 2e-3
+  c.checkpoint.every = 1000
   c.eval.every = 0
   return c

@@ -22,6 +22,7 @@ def get_config():
       heads_keep=0,  # 0 = keep all attention heads
       finetune_steps=300))
   c.quantize = ml_collections.ConfigDict(dict(method="int8", calibration_batches=4))
-  c.report = ml_collections.ConfigDict(dict(decode_examples=512, speed_batch=8,
-                                            speed_new_tokens=32))
+  c.report = ml_collections.ConfigDict(dict(
+      decode_examples=512, speed_batch=8, speed_new_tokens=32,
+      teacher_samples=True))  # the teacher run prints its test metrics + held-out samples
   return c

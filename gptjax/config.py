@@ -39,9 +39,11 @@ def _check_positive(cls: str, field: str, value: Any) -> None:
 class VisionConfig:
   """Vision encoder: image (B, H, W, C) -> (B, P, D_v) tokens.
 
-  ``cnn``: ``len(cnn_channels)`` stages of conv3x3 -> ReLU -> 2x2 max-pool (the CNN of the
-  original GPT-4V sketch, generalised), then a 1x1 conv to ``width``; the final
-  (image_size / 2**stages)**2 grid cells are the image tokens.
+  ``cnn``: one conv3x3 -> ReLU per entry of ``cnn_channels``; the first ``cnn_pools`` of
+  them (default: all) are followed by a 2x2 max-pool (the CNN of the original GPT-4V
+  sketch, generalised), then a 1x1 conv to ``width``; the final
+  (image_size / 2**cnn_pools)**2 grid cells are the image tokens. Convs after the last
+  pool widen each token's receptive field (by 2**cnn_pools px per side each) at low cost.
   ``vit``: non-overlapping ``patch_size`` patches -> linear embedding + learned positions ->
   ``depth`` bidirectional transformer blocks of ``width`` and ``num_heads``.
   """
@@ -54,7 +56,10 @@ class VisionConfig:
   depth: int = 2  # vit blocks
   num_heads: int = 4  # vit
   mlp_dim: int = 128  # vit
-  cnn_channels: tuple[int, ...] = (32, 64)  # cnn stages; each halves the resolution
+  cnn_channels: tuple[int, ...] = (32, 64)  # cnn convs (output channels), in order
+  cnn_pools: Optional[int] = None  # the first k convs are followed by a 2x2 max-pool; None: all
+  global_token: bool = False  # append the max over all grid tokens as one more image token
+  cnn_pos_embed: bool = False  # cnn: add fixed 2-D sin-cos positions (x, y) to the grid tokens
 
   def __post_init__(self):
     c = "VisionConfig"
@@ -65,6 +70,14 @@ class VisionConfig:
       _fail(c, "cnn_channels", self.cnn_channels, "must be a non-empty tuple of positive ints")
     for ch in self.cnn_channels:
       _check_positive(c, "cnn_channels", ch)
+    if self.cnn_pools is not None and (
+        not isinstance(self.cnn_pools, int) or isinstance(self.cnn_pools, bool)
+        or not 0 <= self.cnn_pools <= len(self.cnn_channels)):
+      _fail(c, "cnn_pools", self.cnn_pools,
+            f"must be None or an int in [0, len(cnn_channels)={len(self.cnn_channels)}]")
+    if self.kind == "cnn" and self.cnn_pos_embed and self.width % 4:
+      _fail(c, "width", self.width, "must be divisible by 4 with cnn_pos_embed=True "
+            "(sin and cos of x and y)")
     if self.kind == "vit":
       if self.image_size % self.patch_size:
         _fail(c, "image_size", self.image_size,
@@ -72,21 +85,26 @@ class VisionConfig:
       if self.width % self.num_heads:
         _fail(c, "width", self.width, f"must be divisible by num_heads={self.num_heads}")
     else:
-      stride = 2 ** len(self.cnn_channels)
+      stride = 2 ** self.num_pools
       if self.image_size % stride:
         _fail(c, "image_size", self.image_size,
-              f"must be divisible by 2**len(cnn_channels)={stride} for the cnn encoder")
+              f"must be divisible by 2**cnn_pools={stride} for the cnn encoder")
+
+  @property
+  def num_pools(self) -> int:
+    """How many of the cnn convs are followed by a 2x2 max-pool."""
+    return len(self.cnn_channels) if self.cnn_pools is None else self.cnn_pools
 
   @property
   def grid_size(self) -> int:
     if self.kind == "vit":
       return self.image_size // self.patch_size
-    return self.image_size // 2 ** len(self.cnn_channels)
+    return self.image_size // 2 ** self.num_pools
 
   @property
   def num_tokens(self) -> int:
-    """P: number of image tokens the encoder emits."""
-    return self.grid_size**2
+    """P: number of image tokens the encoder emits (the grid, + 1 with ``global_token``)."""
+    return self.grid_size**2 + int(self.global_token)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 
@@ -11,14 +12,44 @@ from gptjax.config import ModelConfig, VisionConfig
 from gptjax.layers.linear import Dense, param
 from gptjax.layers.norm import Norm
 
+def add_global_token(tokens: jax.Array, cfg: VisionConfig) -> jax.Array:
+  """(B, P, D) -> (B, P + 1, D) with the channel-wise max over the grid appended.
+
+  Why: trained from scratch, a VLM first has to learn *where* to attend among P grid tokens
+  before the encoder gets a useful gradient for shape features, and the two wait on each
+  other (on ``shapes``, kind-dependent answers sit at chance for ~1000 steps). A pooled
+  token at a fixed position is found by position alone, so its features are trained from
+  the first steps, and the grid tokens share them (same convs). The CLS / global-thumbnail
+  tokens of ViTs and LLaVA-NeXT play the same role.
+  """
+  if not cfg.global_token:
+    return tokens
+  return jnp.concatenate([tokens, tokens.max(axis=1, keepdims=True)], axis=1)
+
+
+def sincos_2d(grid: int, dim: int) -> np.ndarray:
+  """(grid*grid, dim) fixed positions, raster order: [sin x, cos x, sin y, cos y] over
+  dim/4 geometric frequencies each (as in MAE / big_vision's posemb_sincos_2d).
+
+  Why fixed 2-D positions on CNN tokens: "left of" and the left-to-right caption order need
+  an x coordinate that is comparable across tokens; learned 1-D positions have to discover
+  the grid's geometry first, sin-cos features give it from step 0 at no parameter cost.
+  """
+  q = dim // 4
+  omega = 1.0 / 10_000 ** (np.arange(q) / max(q, 1))
+  y, x = np.mgrid[:grid, :grid]
+  ax, ay = x.reshape(-1, 1) * omega, y.reshape(-1, 1) * omega
+  return np.concatenate([np.sin(ax), np.cos(ax), np.sin(ay), np.cos(ay)], axis=1).astype(np.float32)
+
+
 # Inputs are centred to [-1, 1]; both encoders see the same preprocessing.
 def _normalise(image: jax.Array, dtype) -> jax.Array:
   return (image.astype(jnp.float32) * 2.0 - 1.0).astype(dtype)
 
 
 class CNNEncoder(nnx.Module):
-  """Stages of conv3x3 -> ReLU -> maxpool 2x2, then a 1x1 conv to ``width``; each cell of
-  the final (image_size / 2**stages)^2 grid is one image token."""
+  """conv3x3 -> ReLU [-> maxpool 2x2 for the first ``cnn_pools``], then a 1x1 conv to
+  ``width``; each cell of the final (image_size / 2**cnn_pools)^2 grid is one image token."""
 
   def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     chans = (cfg.channels,) + tuple(cfg.cnn_channels)
@@ -32,19 +63,29 @@ class CNNEncoder(nnx.Module):
                         kernel_metadata={"logical_axes": (None, None, "conv_in", "vision_embed")},
                         bias_metadata={"logical_axes": ("vision_embed",)}, rngs=rngs)
     self.dtype = dtype
+    self.num_pools = cfg.num_pools
+    self.cfg = cfg
 
   def __call__(self, image: jax.Array) -> jax.Array:
     x = _normalise(image, self.dtype)
-    for conv in self.convs:
-      x = nnx.max_pool(jax.nn.relu(conv(x)), (2, 2), strides=(2, 2))
+    for j, conv in enumerate(self.convs):
+      x = jax.nn.relu(conv(x))
+      if j < self.num_pools:
+        x = nnx.max_pool(x, (2, 2), strides=(2, 2))
     x = self.out(x)
     b, gh, gw, d = x.shape
-    return x.reshape(b, gh * gw, d)
+    tokens = x.reshape(b, gh * gw, d)
+    if not self.cfg.cnn_pos_embed:
+      return add_global_token(tokens, self.cfg)
+    # The global token pools the features before positions are added: it is position-free.
+    pos = jnp.asarray(sincos_2d(gh, d), tokens.dtype)
+    out = add_global_token(tokens, self.cfg)
+    return out.at[:, :gh * gw].add(pos)
 
 
 def vit_block_config(cfg: VisionConfig) -> ModelConfig:
   """The ViT's encoder blocks are our transformer blocks with a derived config."""
-  return ModelConfig(vocab_size=1, max_seq_len=cfg.num_tokens + 1, width=cfg.width,
+  return ModelConfig(vocab_size=1, max_seq_len=cfg.grid_size**2 + 1, width=cfg.width,
                      depth=cfg.depth, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim,
                      position="learned", attention="softmax", norm="layernorm")
 
@@ -58,9 +99,10 @@ class ViTEncoder(nnx.Module):
                                param_dtype=jnp.dtype(param_dtype).name)
     p, c = cfg.patch_size, cfg.channels
     self.patch_size = p
+    self.cfg = cfg
     self.patch_embed = Dense((p * p * c,), (cfg.width,), ("patch", "vision_embed"),
                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.pos = param(rngs, jax.nn.initializers.normal(0.02), (cfg.num_tokens, cfg.width),
+    self.pos = param(rngs, jax.nn.initializers.normal(0.02), (cfg.grid_size**2, cfg.width),
                      (None, "vision_embed"), param_dtype)
     self.blocks = nnx.List([Block(bcfg, causal=False, rngs=rngs) for _ in range(cfg.depth)])
     self.norm = Norm(cfg.width, "layernorm", param_dtype=param_dtype, rngs=rngs)
@@ -76,7 +118,7 @@ class ViTEncoder(nnx.Module):
     x = self.patch_embed(x) + self.pos[...].astype(self.dtype)
     for block in self.blocks:
       x, _ = block(x)
-    return self.norm(x)
+    return add_global_token(self.norm(x), self.cfg)
 
 
 def make_vision_encoder(cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,

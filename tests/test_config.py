@@ -60,6 +60,9 @@ VISION_BAD = [
     ("channels", dict(channels=0)),
     ("cnn_channels", dict(kind="cnn", cnn_channels=())),
     ("cnn_channels", dict(kind="cnn", cnn_channels=(8, 0))),
+    ("cnn_pools", dict(kind="cnn", cnn_channels=(8, 8), cnn_pools=3)),
+    ("cnn_pools", dict(kind="cnn", cnn_channels=(8, 8), cnn_pools=-1)),
+    ("cnn_pools", dict(kind="cnn", image_size=36, cnn_channels=(8, 8, 8, 8), cnn_pools=3)),
 ]
 
 
@@ -122,6 +125,10 @@ def test_derived_defaults():
     (dict(kind="cnn", image_size=32), 64),  # default (32, 64): 2 stages -> 8x8
     (dict(kind="cnn", image_size=32, cnn_channels=(8, 16, 16)), 16),  # 3 stages -> 4x4
     (dict(kind="cnn", image_size=16, cnn_channels=(8,)), 64),
+    (dict(kind="cnn", image_size=32, cnn_channels=(8, 8, 8), cnn_pools=2), 64),  # 8x8
+    (dict(kind="cnn", image_size=32, cnn_channels=(8, 8), cnn_pools=0), 1024),
+    (dict(kind="cnn", image_size=32, global_token=True), 65),
+    (dict(kind="vit", image_size=32, patch_size=8, global_token=True), 17),
 ])
 def test_num_tokens(kw, tokens):
   v = VisionConfig(**kw)

@@ -31,11 +31,11 @@ from gptjax import sharding as shd
 from gptjax.compress import distill as distill_lib
 from gptjax.compress import prune as prune_lib
 from gptjax.config import ModelConfig
-from gptjax.data.tokenizer import ByteTokenizer
+from gptjax.data.tokenizer import ByteTokenizer, make_tokenizer
 from gptjax.generate import generate
 from gptjax.model import count_params
 from gptjax.train import evaluate as ev
-from gptjax.train.config import validate
+from gptjax.train.config import validate, vision_section
 from gptjax.train.load import load_model
 from gptjax.train.loop import batch_shardings, load_split, pipeline_for, run
 from gptjax.train.step import MODEL_KEYS, loss_sums
@@ -60,18 +60,19 @@ def with_model(c: ml_collections.ConfigDict, cfg: ModelConfig) -> ml_collections
   c.unlock()
   d = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
   vision = d.pop("vision")
-  d["vision"] = None if vision is None else ml_collections.ConfigDict(dataclasses.asdict(vision))
+  d["vision"] = None if vision is None else vision_section(**dataclasses.asdict(vision))
   c.model = ml_collections.ConfigDict(d)
   c.lock()
   return c
 
 
-def _inner(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Training runs inside the pipeline skip their own final eval: the pipeline evaluates
-  every stage itself, identically."""
+def _inner(c: ml_collections.ConfigDict, final_eval: bool = False) -> ml_collections.ConfigDict:
+  """Training runs inside the pipeline skip their own final eval (the pipeline evaluates
+  every stage itself, identically), except the teacher's when ``final_eval``: its printed
+  test metrics and held-out samples are what ``make demo`` shows of the trained VLM."""
   c = copy.deepcopy(c)
-  c.eval.at_end = False
-  c.logging.plot = False
+  c.eval.at_end = final_eval
+  c.logging.plot = final_eval
   return c
 
 
@@ -89,7 +90,8 @@ def evaluate_stage(name: str, model: nnx.Module, c, bytes_on_disk: int, note: st
   acc, _ = ev.decode_accuracy(model, pipeline_for(c, src, train=False,
                                                   batch_size=c.eval.batch_size),
                               shardings, max_new_tokens=c.data.target_len,
-                              max_examples=decode_examples)
+                              max_examples=decode_examples,
+                              tokenizer=make_tokenizer(c.data.tokenizer))
   # Decode speed: real test prompts (and images), greedy, no early stop.
   local = next(iter(pipeline_for(c, src, train=False, batch_size=speed_batch)))
   tok = ByteTokenizer()
@@ -193,7 +195,7 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> list[StageResult
   # 1. Teacher.
   say("stage 1/4: teacher")
   tdir = os.path.join(workdir, "teacher")
-  run(_inner(c.teacher), tdir)
+  run(_inner(c.teacher, final_eval=bool(c.report.get("teacher_samples", False))), tdir)
   teacher = load_model(tdir)
   results.append(measure("teacher", teacher, save_float_params(teacher, os.path.join(
       workdir, "artifacts", "teacher")), "float32"))

@@ -188,14 +188,14 @@ def make_pipeline(source, *, task: str, batch_size: int, seed: int = 0, shuffle:
                   record_to_tasks: Optional[Callable[[dict], list[Example]]] = None,
                   tasks_per: Optional[int] = None, drop_remainder: bool = True,
                   pack: bool = False, packed_len: int = 224,
-                  process_index: Optional[int] = None, process_count: Optional[int] = None
-                  ) -> Pipeline:
+                  process_index: Optional[int] = None, process_count: Optional[int] = None,
+                  tokenizer: Optional[ByteTokenizer] = None) -> Pipeline:
   """Batches of this process's share of ``batch_size`` (the global batch).
 
   ``batch_size`` must divide by the process count; each process reads every
   ``process_count``-th element of the shuffled order, so together they see each element once.
   """
-  tok = ByteTokenizer()
+  tok = tokenizer or ByteTokenizer()
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   if batch_size % pc:

@@ -23,13 +23,16 @@ def model_section(name: str, **overrides) -> ml_collections.ConfigDict:
   cfg = preset(name, **overrides)
   d = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "vision"}
   if isinstance(vision, VisionConfig):
-    vision = ml_collections.ConfigDict(dataclasses.asdict(vision))
+    vision = vision_section(**dataclasses.asdict(vision))
   d["vision"] = vision
   return ml_collections.ConfigDict(d)
 
 
 def vision_section(**kw) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dataclasses.asdict(VisionConfig(**kw)))
+  d = dataclasses.asdict(VisionConfig(**kw))
+  if d["cnn_pools"] is None:  # typed, so --config.model.vision.cnn_pools=2 parses as an int
+    d["cnn_pools"] = ml_collections.config_dict.placeholder(int)
+  return ml_collections.ConfigDict(d)
 
 
 def shapes_kwargs(**kw) -> ml_collections.ConfigDict:
@@ -45,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = model_section("tiny")
   c.data = ml_collections.ConfigDict(dict(
       name="shapes",  # 'shapes' | 'text_files' | any TFDS name prepared as array_record
+      tokenizer="byte",  # 'byte' | 'shapes' (bytes + the shapes words: ~4x shorter rows)
       data_dir=None,  # None: <workdir>/../tensorflow_datasets-style default (see loop)
       builder_kwargs=shapes_kwargs(),  # passed to the builder (here: shapes' sizes/seed)
       paths=(),  # text_files: files, globs or directories
@@ -92,11 +96,14 @@ def _fail(key: str, value, allowed: str):
 def validate(c: ml_collections.ConfigDict) -> ModelConfig:
   """Check the whole config once; returns the ModelConfig."""
   m = model_config(c)
-  from gptjax.data.tokenizer import ByteTokenizer
-  if m.vocab_size < ByteTokenizer.vocab_size:
+  from gptjax.data.tokenizer import TOKENIZERS, make_tokenizer
+  if c.data.tokenizer not in TOKENIZERS:
+    _fail("data.tokenizer", c.data.tokenizer, f"allowed values are {TOKENIZERS}")
+  tok = make_tokenizer(c.data.tokenizer)
+  if m.vocab_size < tok.vocab_size:
     _fail("model.vocab_size", m.vocab_size,
-          f"must be >= the tokenizer's vocab_size={ByteTokenizer.vocab_size} (byte-level "
-          "tokens would index past the embedding table)")
+          f"must be >= the {c.data.tokenizer!r} tokenizer's vocab_size={tok.vocab_size} "
+          "(its tokens would index past the embedding table)")
   if c.data.task not in TASKS:
     _fail("data.task", c.data.task, f"allowed values are {TASKS}")
   for key in ("train.steps", "train.batch_size", "optim.accum_steps", "train.log_every",

@@ -55,9 +55,11 @@ class Sample:
 
 
 def decode_accuracy(model: nnx.Module, batches: Iterable[dict], shardings: dict, *,
-                    max_new_tokens: int, max_examples: int) -> tuple[dict, list[Sample]]:
-  """Greedy-decode the target of each vqa-task row; exact match against the reference."""
-  tok = ByteTokenizer()
+                    max_new_tokens: int, max_examples: int,
+                    tokenizer: Optional[ByteTokenizer] = None) -> tuple[dict, list[Sample]]:
+  """Greedy-decode the target of each vqa-task row; exact match against the reference
+  (compared as text, decoded with ``tokenizer``, default bytes)."""
+  tok = tokenizer or ByteTokenizer()
   samples: list[Sample] = []
   for local in batches:
     if len(samples) >= max_examples:

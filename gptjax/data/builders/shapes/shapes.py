@@ -97,6 +97,15 @@ def _place(rng: np.random.Generator, image_size: int, n: int):
       return sorted(placed, key=lambda s: s[2])  # left to right
 
 
+def vocabulary() -> tuple[str, ...]:
+  """The words of the captions, questions and answers (for ``WordTokenizer``), in a fixed
+  order so token ids are stable. Plurals are left out on purpose: "circles" is then tokenized
+  as "circle" + "s", so a count question names the shape with the caption's own token."""
+  fixed = ("a", "and", "what", "color", "is", "the", "how", "many", "left", "of", "yes", "no",
+           "caption")
+  return fixed + KINDS + COLOR_NAMES
+
+
 def caption_for(kinds, colors) -> str:
   """"a red square", "a red square and a blue circle", "a, b and c" (left to right)."""
   parts = [f"a {COLOR_NAMES[c]} {KINDS[k]}" for k, c in zip(kinds, colors)]
