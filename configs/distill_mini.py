@@ -18,12 +18,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def get_config():
   c = load_config_file(os.path.join(HERE, "demo.py"))
   c.model = model_section(
-      "mini", max_seq_len=64, width=64, depth=2, num_heads=4, mlp_dim=128, dropout=0.0,
+      "mini", max_seq_len=64, width=56, depth=2, num_heads=4, mlp_dim=128, dropout=0.0,
       vocab_size=c.model.vocab_size,
       vision=vision_section(kind="cnn", image_size=32, cnn_channels=(16, 32, 32), width=64,
                             global_token=True, cnn_pos_embed=True))
-  c.train.steps = 2000
-  c.optim.lr = 2e-3
+  c.train.steps = 4000
+  c.optim.lr = 1e-3
   c.checkpoint.every = 1000
   c.eval.every = 0
   return c

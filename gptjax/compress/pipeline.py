@@ -226,6 +226,12 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> list[StageResult
     keep = max(1, int(round(cfg.ffn_dim * p.mlp_keep_fraction)))
     cfg, params = prune_lib.prune_neurons((cfg, params), keep)
     notes.append(f"MLP {student.config.ffn_dim}->{keep}")
+  cnn_keep = p.get("cnn_keep_fraction", 1.0)
+  if cnn_keep < 1.0 and cfg.vision is not None and cfg.vision.kind == "cnn":
+    chans = tuple(cfg.vision.cnn_channels)
+    keep = tuple(max(1, int(round(ch * cnn_keep))) for ch in chans)
+    cfg, params = prune_lib.prune_channels((cfg, params), keep)
+    notes.append(f"CNN channels {chans}->{keep}")
   if p.heads_keep:
     cfg, params = prune_lib.prune_heads((cfg, params), p.heads_keep)
     notes.append(f"heads {student.config.num_heads}->{p.heads_keep}")
@@ -246,10 +252,14 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> list[StageResult
   say("stage 4/4: int8 quantization")
   from gptjax.compress import quantize
   q = quantize.ptq_int8(pruned, calibration_batches(pc, c.quantize.calibration_batches))
+  qnote = "int8 weights + calibrated int8 activations"
+  if c.quantize.get("embeddings", False):
+    q = quantize.quantize_embeddings(q)
+    qnote += " + int8 embedding/position tables"
   nbytes = quantize.save_quantized(q, _fresh(os.path.join(workdir, "artifacts", "int8")))
   # Parameter count of the quantized model = that of the model it quantizes (qwix adds
   # scales, which are storage, not parameters).
-  results.append(measure("int8", q, nbytes, "int8 weights + calibrated int8 activations",
+  results.append(measure("int8", q, nbytes, qnote,
                          params=count_params(pruned)))
   say(f"int8: {results[-1]}")
 

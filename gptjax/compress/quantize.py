@@ -545,12 +545,23 @@ def _to_storage(tree):
   return jax.tree.map(lambda x: pack_int4(x) if jnp.dtype(x.dtype) in _INT4_DTYPES else x, tree)
 
 
+def _host_if_addressable(tree):
+  """Fully addressable arrays -> NumPy. Why: orbax then writes no per-array sharding files
+  (``_sharding``, ``array_metadatas``: ~45 % of a 100k-parameter artifact), and a deployment
+  artifact is re-sharded on load anyway (``load_quantized`` restores with the target's
+  shardings). Arrays spread over several hosts are saved as they are."""
+  leaves = jax.tree.leaves(tree)
+  if all(getattr(x, "is_fully_addressable", True) for x in leaves):
+    return jax.tree.map(np.asarray, tree)
+  return tree
+
+
 def save_pytree(tree, directory) -> int:
   """Save a pytree of arrays with orbax's StandardCheckpointer (int4 leaves packed two per
   byte); returns the bytes written, measured on disk. ``directory`` must not exist."""
   directory = os.path.abspath(os.fspath(directory))
   ckpt = ocp.StandardCheckpointer()
-  ckpt.save(directory, _to_storage(_pure(tree)))
+  ckpt.save(directory, _host_if_addressable(_to_storage(_pure(tree))))
   ckpt.wait_until_finished()
   ckpt.close()
   return bytes_on_disk(directory)
@@ -592,6 +603,81 @@ def load_quantized(directory, target: nnx.Module) -> nnx.Module:
   nnx.replace_by_pure_dict(params, restored)
   nnx.update(model, params)
   return model
+
+
+# -------------------------------------------------------------------------------------------
+# int8 embedding tables (asked for explicitly: the default keeps them float)
+#
+# Written by hand: qwix intercepts matmuls and convolutions, and a table lookup is a gather.
+
+
+class Int8Table(nnx.Module):
+  """A (rows, D) table as int8 ``qvalue`` + one float32 ``scale`` per row (symmetric absmax)."""
+
+  def __init__(self, table: jax.Array):
+    t = jnp.asarray(table, jnp.float32)
+    scale = jnp.max(jnp.abs(t), axis=1, keepdims=True) / 127.0
+    scale = jnp.where(scale == 0, 1.0, scale)
+    self.qvalue = nnx.Param(jnp.clip(jnp.round(t / scale), -127, 127).astype(jnp.int8))
+    self.scale = nnx.Param(scale)
+
+  def rows(self, ids: jax.Array) -> jax.Array:
+    return (jnp.take(self.qvalue[...], ids, axis=0).astype(jnp.float32)
+            * jnp.take(self.scale[...], ids, axis=0))
+
+  def dense(self) -> jax.Array:
+    return self.qvalue[...].astype(jnp.float32) * self.scale[...]
+
+
+class Int8Embed(nnx.Module):
+  """Drop-in for ``layers.embed.Embed`` (lookup and the tied ``attend``) on an int8 table."""
+
+  def __init__(self, embed):
+    self.table = Int8Table(embed.embedding[...])
+    self.dtype = embed.dtype
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    return self.table.rows(tokens).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.table.dense().astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class Int8Positions(nnx.Module):
+  """Drop-in for ``layers.embed.LearnedPositions`` on an int8 table."""
+
+  def __init__(self, positions):
+    self.table = Int8Table(positions.table[...])
+    self.dtype = positions.dtype
+
+  def __call__(self, positions: jax.Array) -> jax.Array:
+    return self.table.rows(positions).astype(self.dtype)
+
+
+def quantize_embeddings(model: nnx.Module) -> nnx.Module:
+  """A copy of ``model`` (a GPT / VLM, float or already qwix-quantized) whose token table
+  and learned position table are int8 with per-row scales. Returns the new model."""
+  from gptjax.layers.embed import Embed, LearnedPositions
+  model = nnx.clone(model)
+  decoder = getattr(model, "decoder", model)
+  if not isinstance(getattr(decoder, "embed", None), Embed):
+    raise ValueError(f"quantize_embeddings needs a GPT or VLM with a float Embed, got "
+                     f"{type(model).__name__}")
+  decoder.embed = _inherit_path(Int8Embed(decoder.embed), decoder.embed)
+  if isinstance(getattr(decoder, "positions", None), LearnedPositions):
+    decoder.positions = _inherit_path(Int8Positions(decoder.positions), decoder.positions)
+  return model
+
+
+def _inherit_path(new: nnx.Module, old: nnx.Module) -> nnx.Module:
+  """A qwix-quantized model tags every module with ``qwix_path`` (its rules match on it) and
+  expects the tag on each module it sees called; the replacements take the old module's."""
+  path = getattr(old, "qwix_path", None)
+  if path is not None:
+    new.qwix_path = path
+    new.table.qwix_path = tuple(path) + ("table",)
+  return new
 
 
 _jit_call = nnx.jit(_call)
