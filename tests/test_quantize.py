@@ -398,11 +398,19 @@ def test_quantize_embeddings_on_ptq_model(tmp_path, gpt, ptq8, probe):
   # Cached decoding goes through the int8 tables too.
   out = gptjax.generate.generate(q, probe["inputs"][:, :8], 4)
   assert out.shape == (B, 4)
-  # On disk the tables shrink ~4x; the whole file shrinks by about their float32 bytes.
+  # The tables' arrays shrink ~4x (int8 + one float32 scale per row) ...
+  rows = CFG.vocab_size + CFG.max_seq_len
+  table_f32, table_i8 = 4 * rows * CFG.width, rows * (CFG.width + 4)
+  saved = Q.state_bytes(ptq8) - Q.state_bytes(q)
+  assert saved == table_f32 - table_i8, (saved, table_f32, table_i8)
+  # ... and are stored as int8 on disk (the file shrinks too; by how much depends on orbax's
+  # metadata, which varies with the directory path, so only the direction is checked).
   n8 = Q.save_quantized(ptq8, tmp_path / "a")
   n = Q.save_quantized(q, tmp_path / "b")
-  table_f32 = 4 * (CFG.vocab_size + CFG.max_seq_len) * CFG.width
-  assert n8 - n > 0.6 * table_f32, (n8, n, table_f32)
+  assert n < n8, (n, n8)
+  raw = ocp.StandardCheckpointer().restore(tmp_path / "b")
+  assert raw["embed"]["table"]["qvalue"].dtype == np.int8
+  assert raw["positions"]["table"]["qvalue"].shape == (CFG.max_seq_len, CFG.width)
   restored = Q.load_quantized(tmp_path / "b", q)
   np.testing.assert_array_equal(Q._jit_call(restored, probe), Q._jit_call(q, probe))
 

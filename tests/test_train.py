@@ -267,6 +267,8 @@ def test_unknown_config_key_is_named():
     ("optim.accum_steps", 3, "train.batch_size", "accum_steps=3"),  # 8 % 3
     ("optim.lr", 0.0, "optim.lr", "0.0"),
     ("data.target_len", 200, "max_seq_len", "239"),  # 16 image + 239 text tokens > 128
+    ("data.tokenizer", "bpe", "data.tokenizer", "'byte', 'shapes'"),
+    ("data.tokenizer", "shapes", "model.vocab_size", "vocab_size=304"),  # model has 264
 ])
 def test_validate_names_the_field(shapes_data_dir, key, value, field, shown):  # noqa: F811
   c = tiny_vlm_config(shapes_data_dir)

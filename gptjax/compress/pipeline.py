@@ -31,11 +31,11 @@ from gptjax import sharding as shd
 from gptjax.compress import distill as distill_lib
 from gptjax.compress import prune as prune_lib
 from gptjax.config import ModelConfig
-from gptjax.data.tokenizer import ByteTokenizer, make_tokenizer
+from gptjax.data.tokenizer import ByteTokenizer
 from gptjax.generate import generate
 from gptjax.model import count_params
 from gptjax.train import evaluate as ev
-from gptjax.train.config import validate, vision_section
+from gptjax.train.config import tokenizer_for, validate, vision_section
 from gptjax.train.load import load_model
 from gptjax.train.loop import batch_shardings, load_split, pipeline_for, run
 from gptjax.train.step import MODEL_KEYS, loss_sums
@@ -91,7 +91,7 @@ def evaluate_stage(name: str, model: nnx.Module, c, bytes_on_disk: int, note: st
                                                   batch_size=c.eval.batch_size),
                               shardings, max_new_tokens=c.data.target_len,
                               max_examples=decode_examples,
-                              tokenizer=make_tokenizer(c.data.tokenizer))
+                              tokenizer=tokenizer_for(c))
   # Decode speed: real test prompts (and images), greedy, no early stop.
   local = next(iter(pipeline_for(c, src, train=False, batch_size=speed_batch)))
   tok = ByteTokenizer()

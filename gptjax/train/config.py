@@ -93,16 +93,23 @@ def _fail(key: str, value, allowed: str):
   raise ValueError(f"config.{key}={value!r} is invalid: {allowed}")
 
 
+def tokenizer_for(c: ml_collections.ConfigDict):
+  """The tokenizer a training config names (``data.tokenizer``; runs saved before the key
+  existed used bytes). Use it to encode prompts for a model loaded from a workdir."""
+  from gptjax.data.tokenizer import TOKENIZERS, make_tokenizer
+  name = c.data.get("tokenizer", "byte")
+  if name not in TOKENIZERS:
+    _fail("data.tokenizer", name, f"allowed values are {TOKENIZERS}")
+  return make_tokenizer(name)
+
+
 def validate(c: ml_collections.ConfigDict) -> ModelConfig:
   """Check the whole config once; returns the ModelConfig."""
   m = model_config(c)
-  from gptjax.data.tokenizer import TOKENIZERS, make_tokenizer
-  if c.data.tokenizer not in TOKENIZERS:
-    _fail("data.tokenizer", c.data.tokenizer, f"allowed values are {TOKENIZERS}")
-  tok = make_tokenizer(c.data.tokenizer)
+  tok = tokenizer_for(c)
   if m.vocab_size < tok.vocab_size:
     _fail("model.vocab_size", m.vocab_size,
-          f"must be >= the {c.data.tokenizer!r} tokenizer's vocab_size={tok.vocab_size} "
+          f"must be >= the {c.data.get('tokenizer', 'byte')!r} tokenizer's vocab_size={tok.vocab_size} "
           "(its tokens would index past the embedding table)")
   if c.data.task not in TASKS:
     _fail("data.task", c.data.task, f"allowed values are {TASKS}")

@@ -16,9 +16,8 @@ from gptjax import sharding as shd
 from gptjax.checkpoint import Checkpointer, PreemptionWatcher
 from gptjax.data.datasets import load_source
 from gptjax.data.pipeline import global_batch, make_pipeline
-from gptjax.data.tokenizer import make_tokenizer
 from gptjax.train import evaluate as ev
-from gptjax.train.config import eval_every, validate
+from gptjax.train.config import eval_every, tokenizer_for, validate
 from gptjax.train.load import save_run_config
 from gptjax.train.metrics import MetricsLogger, plot_losses
 from gptjax.train.optim import make_optimizer, schedule
@@ -46,7 +45,7 @@ def pipeline_for(c, source, *, train: bool, batch_size: int, seed_offset: int = 
       repeat=train, prompt_len=d.prompt_len, target_len=d.target_len, seq_len=d.seq_len,
       text_key=d.text_key, name=f"{d.name}", drop_remainder=True,
       pack=bool(d.pack) and train, packed_len=d.packed_len,
-      tokenizer=make_tokenizer(d.tokenizer))
+      tokenizer=tokenizer_for(c))
 
 
 def batch_shardings(mesh) -> dict:
@@ -178,7 +177,7 @@ def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
       acc, samples = ev.decode_accuracy(
           model, pipeline_for(c, src, train=False, batch_size=bs), shardings,
           max_new_tokens=c.data.target_len, max_examples=decode_examples,
-          tokenizer=make_tokenizer(c.data.tokenizer))
+          tokenizer=tokenizer_for(c))
       out.update(acc)
     return out, samples
 
