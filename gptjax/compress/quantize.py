@@ -629,30 +629,23 @@ class Int8Table(nnx.Module):
     return self.qvalue[...].astype(jnp.float32) * self.scale[...]
 
 
-class Int8Embed(nnx.Module):
-  """Drop-in for ``layers.embed.Embed`` (lookup and the tied ``attend``) on an int8 table."""
+class Int8Lookup(nnx.Module):
+  """Drop-in for ``layers.embed.LearnedPositions`` (a row lookup) on an int8 table."""
 
-  def __init__(self, embed):
-    self.table = Int8Table(embed.embedding[...])
-    self.dtype = embed.dtype
+  def __init__(self, table: jax.Array, dtype):
+    self.table = Int8Table(table)
+    self.dtype = dtype
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    return self.table.rows(tokens).astype(self.dtype)
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return self.table.rows(ids).astype(self.dtype)
+
+
+class Int8Embed(Int8Lookup):
+  """Drop-in for ``layers.embed.Embed``: the lookup and the tied ``attend``."""
 
   def attend(self, x: jax.Array) -> jax.Array:
     return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.table.dense().astype(self.dtype),
                       preferred_element_type=jnp.float32)
-
-
-class Int8Positions(nnx.Module):
-  """Drop-in for ``layers.embed.LearnedPositions`` on an int8 table."""
-
-  def __init__(self, positions):
-    self.table = Int8Table(positions.table[...])
-    self.dtype = positions.dtype
-
-  def __call__(self, positions: jax.Array) -> jax.Array:
-    return self.table.rows(positions).astype(self.dtype)
 
 
 def quantize_embeddings(model: nnx.Module) -> nnx.Module:
@@ -664,9 +657,11 @@ def quantize_embeddings(model: nnx.Module) -> nnx.Module:
   if not isinstance(getattr(decoder, "embed", None), Embed):
     raise ValueError(f"quantize_embeddings needs a GPT or VLM with a float Embed, got "
                      f"{type(model).__name__}")
-  decoder.embed = _inherit_path(Int8Embed(decoder.embed), decoder.embed)
+  old = decoder.embed
+  decoder.embed = _inherit_path(Int8Embed(old.embedding[...], old.dtype), old)
   if isinstance(getattr(decoder, "positions", None), LearnedPositions):
-    decoder.positions = _inherit_path(Int8Positions(decoder.positions), decoder.positions)
+    old = decoder.positions
+    decoder.positions = _inherit_path(Int8Lookup(old.table[...], old.dtype), old)
   return model
 
 

@@ -47,10 +47,13 @@ class ByteTokenizer:
       i = int(i)
       if i == self.eos_id and stop_at_eos:
         break
-      if 0 <= i < NUM_BYTES:
-        out.append(i)
+      out += self._id_bytes(i)
     # A model can emit a truncated multi-byte sequence; show it rather than fail.
     return out.decode("utf-8", errors="replace")
+
+  def _id_bytes(self, i: int) -> bytes:
+    """The bytes token ``i`` stands for (none for specials / ids past the vocabulary)."""
+    return bytes([i]) if 0 <= i < NUM_BYTES else b""
 
   def decode_batch(self, batch: Sequence[Sequence[int]] | np.ndarray) -> list[str]:
     return [self.decode(row) for row in np.asarray(batch)]
@@ -114,17 +117,10 @@ class WordTokenizer(ByteTokenizer):
         piece = piece[1:]
     return out
 
-  def decode(self, ids: Iterable[int] | np.ndarray, *, stop_at_eos: bool = True) -> str:
-    out = bytearray()
-    for i in np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids).reshape(-1):
-      i = int(i)
-      if i == self.eos_id and stop_at_eos:
-        break
-      if 0 <= i < NUM_BYTES:
-        out.append(i)
-      elif self._base <= i < self.vocab_size:
-        out += self.pieces[i - self._base].encode("utf-8")
-    return out.decode("utf-8", errors="replace")
+  def _id_bytes(self, i: int) -> bytes:
+    if self._base <= i < self.vocab_size:
+      return self.pieces[i - self._base].encode("utf-8")
+    return super()._id_bytes(i)
 
   def token_name(self, i: int) -> str:
     if i >= self._base:
