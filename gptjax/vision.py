@@ -63,14 +63,13 @@ class CNNEncoder(nnx.Module):
                         kernel_metadata={"logical_axes": (None, None, "conv_in", "vision_embed")},
                         bias_metadata={"logical_axes": ("vision_embed",)}, rngs=rngs)
     self.dtype = dtype
-    self.num_pools = cfg.num_pools
     self.cfg = cfg
 
   def __call__(self, image: jax.Array) -> jax.Array:
     x = _normalise(image, self.dtype)
     for j, conv in enumerate(self.convs):
       x = jax.nn.relu(conv(x))
-      if j < self.num_pools:
+      if j < self.cfg.num_pools:
         x = nnx.max_pool(x, (2, 2), strides=(2, 2))
     x = self.out(x)
     b, gh, gw, d = x.shape

@@ -1,7 +1,6 @@
 """Quantization (gptjax.compress.quantize, through qwix): int8 PTQ with calibrated static
 activations, group-wise int4 weight-only, QAT through the real train step and its int8
 conversion, compact checkpoints, and clear errors."""
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +10,9 @@ import orbax.checkpoint as ocp
 import pytest
 import qwix
 from flax import nnx
-from flax.nnx.nn import dtypes
 
 import gptjax
 from gptjax.compress import quantize as Q
-from gptjax.layers.linear import Dense
 
 # qwix 0.1.8 uses Flax APIs that Flax 0.12 deprecates (thousands of warnings per run).
 pytestmark = [
@@ -35,31 +32,6 @@ B, T = 4, 32
 # Gaussian weights, no outliers; int4 error is large at this size, hence the loose bound.
 INT8_BOUND = 0.06
 INT4_BOUND = 0.35
-
-
-def _dense_call_promote(self, x):
-  # gptjax.layers.linear.Dense.__call__ with the kernel cast through promote_dtype (as in
-  # nnx.Linear): qwix intercepts promote_dtype and leaves its quantized WithAux kernel alone,
-  # whereas `kernel.astype(dtype)` on it raises. Same numbers for float kernels.
-  bias = None if self.bias is None else self.bias[...]
-  x, kernel, bias = dtypes.promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
-  ndim_out = kernel.ndim - self.n_in
-  y = jax.lax.dot_general(
-      x, kernel, ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ())))
-  if bias is not None:
-    y = y + bias.reshape((1,) * (y.ndim - ndim_out) + bias.shape)
-  return y
-
-
-@pytest.fixture(scope="module", autouse=True)
-def qwix_ready_dense():
-  """Until Dense casts with promote_dtype (see the report), patch it for this module only."""
-  if "promote_dtype" in inspect.getsource(Dense.__call__):
-    yield
-    return
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(Dense, "__call__", _dense_call_promote)
-    yield
 
 
 def _rngs(seed):
@@ -94,7 +66,7 @@ def _kernels(tree_model):
 
 
 @pytest.fixture(scope="module")
-def gpt(qwix_ready_dense):
+def gpt():
   return gptjax.GPT(CFG, rngs=_rngs(0))
 
 

@@ -31,14 +31,13 @@ from gptjax import sharding as shd
 from gptjax.compress import distill as distill_lib
 from gptjax.compress import prune as prune_lib
 from gptjax.config import ModelConfig
-from gptjax.data.tokenizer import ByteTokenizer
 from gptjax.generate import generate
 from gptjax.model import count_params
 from gptjax.train import evaluate as ev
 from gptjax.train.config import tokenizer_for, validate, vision_section
 from gptjax.train.load import load_model
 from gptjax.train.loop import batch_shardings, load_split, pipeline_for, run
-from gptjax.train.step import MODEL_KEYS, loss_sums
+from gptjax.train.step import MODEL_KEYS, image_to_float, loss_sums
 
 
 @dataclasses.dataclass
@@ -87,16 +86,15 @@ def evaluate_stage(name: str, model: nnx.Module, c, bytes_on_disk: int, note: st
   loss = ev.eval_loss(lambda _, b: loss_fn(model, b), None,
                       pipeline_for(c, src, train=False, batch_size=c.eval.batch_size),
                       shardings, max_batches=c.eval.max_batches)["loss"]
+  tok = tokenizer_for(c)
   acc, _ = ev.decode_accuracy(model, pipeline_for(c, src, train=False,
                                                   batch_size=c.eval.batch_size),
                               shardings, max_new_tokens=c.data.target_len,
-                              max_examples=decode_examples,
-                              tokenizer=tokenizer_for(c))
+                              max_examples=decode_examples, tokenizer=tok)
   # Decode speed: real test prompts (and images), greedy, no early stop.
   local = next(iter(pipeline_for(c, src, train=False, batch_size=speed_batch)))
-  tok = ByteTokenizer()
   prompt = jnp.asarray(local["prompt"])
-  image = jnp.asarray(local["image"], jnp.float32) / 255.0 if "image" in local else None
+  image = image_to_float(jnp.asarray(local["image"])) if "image" in local else None
   kw = dict(image=image, prompt_mask=prompt != tok.pad_id)
   generate(model, prompt, speed_new_tokens, **kw).block_until_ready()  # compile
   t0 = time.perf_counter()
