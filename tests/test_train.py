@@ -264,6 +264,7 @@ def test_unknown_config_key_is_named():
     ("data.task", "xyz", "data.task", "'xyz'"),
     ("train.batch_size", 0, "train.batch_size", "0"),
     ("train.steps", -1, "train.steps", "-1"),
+    ("eval.max_batches", 0, "eval.max_batches", "0"),  # 0 batches would report loss 0.0
     ("optim.accum_steps", 3, "train.batch_size", "accum_steps=3"),  # 8 % 3
     ("optim.lr", 0.0, "optim.lr", "0.0"),
     ("data.target_len", 200, "max_seq_len", "239"),  # 16 image + 239 text tokens > 128

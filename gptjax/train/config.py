@@ -114,7 +114,7 @@ def validate(c: ml_collections.ConfigDict) -> ModelConfig:
   if c.data.task not in TASKS:
     _fail("data.task", c.data.task, f"allowed values are {TASKS}")
   for key in ("train.steps", "train.batch_size", "optim.accum_steps", "train.log_every",
-              "checkpoint.every", "checkpoint.keep", "eval.batch_size"):
+              "checkpoint.every", "checkpoint.keep", "eval.batch_size", "eval.max_batches"):
     sec, name = key.split(".")
     v = c[sec][name]
     if not isinstance(v, int) or v <= 0:
