@@ -6,7 +6,6 @@
 An existing checkpoint in --workdir is resumed. SIGTERM (a preemptible TPU VM being
 reclaimed) saves at the next step boundary and exits 0; rerunning the same command resumes.
 """
-import logging
 import sys
 
 from absl import app, flags
@@ -21,11 +20,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # Our own progress at INFO; libraries (orbax, absl) only from WARNING up.
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-  logging.getLogger("gptjax").setLevel(logging.INFO)
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)
+  from gptjax.train.metrics import setup_cli_logging
+  setup_cli_logging()
   from gptjax.train.loop import run  # after flag parsing: keeps --help fast
   summary = run(_CONFIG.value, _WORKDIR.value)
   if summary.get("preempted"):

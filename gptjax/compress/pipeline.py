@@ -52,6 +52,13 @@ class StageResult:
   decode_tokens_per_s: float
   note: str = ""
 
+  def __str__(self) -> str:
+    def frac(x):
+      return "-" if x is None else f"{x:.3f}"
+    return (f"{self.params:,} params, {self.bytes_on_disk:,} bytes on disk, test loss "
+            f"{self.eval_loss:.4f}, caption EM {frac(self.caption_exact_match)}, VQA "
+            f"{frac(self.vqa_accuracy)}, {self.decode_tokens_per_s:,.0f} decode tok/s")
+
 
 def with_model(c: ml_collections.ConfigDict, cfg: ModelConfig) -> ml_collections.ConfigDict:
   """A copy of training config ``c`` whose model section is ``cfg``."""
@@ -270,6 +277,8 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> list[StageResult
 def main(argv):
   del argv
   from absl import flags
+  from gptjax.train.metrics import setup_cli_logging
+  setup_cli_logging()
   run_pipeline(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

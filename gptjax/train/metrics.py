@@ -79,3 +79,14 @@ def plot_losses(workdir: str, out: Optional[str] = None) -> Optional[str]:
   fig.savefig(out, dpi=110)
   plt.close(fig)
   return out
+
+
+def setup_cli_logging() -> None:
+  """Logging for the command-line entry points: gptjax's own messages at INFO, libraries
+  (orbax logs every checkpoint save step by step at INFO through absl) only from WARNING."""
+  import logging
+
+  from absl import logging as absl_logging
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+  logging.getLogger("gptjax").setLevel(logging.INFO)
+  absl_logging.set_verbosity(absl_logging.WARNING)

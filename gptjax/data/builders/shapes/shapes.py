@@ -16,6 +16,7 @@ split feeds its own id into the seed.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -256,6 +257,18 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
       yield i, generate_example(c.seed, SPLIT_IDS[split], i, c.image_size)
 
 
+class _DropCustomConfigWarning(logging.Filter):
+  """TFDS warns "Using custom data configuration" whenever a builder gets a config object
+  rather than a registered name. Shapes derives its config from the split sizes on purpose
+  (the name encodes them), so at every load that warning is noise in the user's log."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Using custom data configuration")
+
+
+_CUSTOM_CONFIG_FILTER = _DropCustomConfigWarning()
+
+
 def shapes_builder(data_dir: str | os.PathLike | None = None, **config_kwargs) -> Shapes:
   """The builder (not prepared). Non-default ``config_kwargs`` select a derived config."""
   params = ("image_size", "train_size", "validation_size", "test_size", "seed")
@@ -265,6 +278,9 @@ def shapes_builder(data_dir: str | os.PathLike | None = None, **config_kwargs) -
     raise TypeError(f"unknown Shapes config arguments: {sorted(unknown)}; known: {sorted(defaults)}")
   custom = any(config_kwargs[k] != defaults[k] for k in config_kwargs)
   config = ShapesConfig.make(**config_kwargs) if custom else "default"
+  absl_logger = logging.getLogger("absl")
+  if _CUSTOM_CONFIG_FILTER not in absl_logger.filters:
+    absl_logger.addFilter(_CUSTOM_CONFIG_FILTER)
   return Shapes(
       config=config,
       data_dir=None if data_dir is None else os.fspath(data_dir),
