@@ -75,6 +75,11 @@ def base_config() -> ml_collections.ConfigDict:
       samples_to_print=6,
       at_end=True))  # final eval + test-split metrics, samples.png
   c.logging = ml_collections.ConfigDict(dict(tensorboard=True, plot=True, progress=True))
+  # Compression during training (gptjax/compress/training.py): quantization-aware training
+  # and gradual pruning, each off unless enabled.
+  from gptjax.compress.training import prune_section, qat_section
+  c.qat = qat_section()
+  c.prune = prune_section()
   c.lock()
   return c
 
@@ -141,6 +146,8 @@ def validate(c: ml_collections.ConfigDict) -> ModelConfig:
   else:
     if c.data.seq_len > m.max_seq_len:
       _fail("data.seq_len", c.data.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
+  from gptjax.compress import training
+  training.validate(c)
   return m
 
 

@@ -42,8 +42,11 @@ def load_model(workdir: str, *, config: Optional[ml_collections.ConfigDict] = No
 
   ``model_fn`` / ``wrap_tx``: as the run was trained (e.g. a distillation ``Student``
   wrapper, a pruning optimizer — the optimizer state must match to restore);
-  ``select(module)`` then picks the model out of the wrapper.
+  ``select(module)`` then picks the model out of the wrapper. What the run's config enabled
+  (``qat``: the QAT model; ``prune``: the gradual-pruning optimizer state) is rebuilt from
+  the config on top of these.
   """
+  from gptjax.compress import training
   from gptjax.train.config import validate
   from gptjax.train.optim import make_optimizer
   from gptjax.train.state import abstract_train_state, create_train_state
@@ -52,10 +55,11 @@ def load_model(workdir: str, *, config: Optional[ml_collections.ConfigDict] = No
   mcfg = validate(c)
   mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   tx = make_optimizer(c)
+  wrap_tx = training.wrap_tx_for(c, wrap_tx)
   if wrap_tx is not None:
     tx = wrap_tx(tx)
-  graphdef, rest, state, shardings = create_train_state(mcfg, tx, mesh, c.seed,
-                                                        model_fn=model_fn)
+  graphdef, rest, state, shardings = create_train_state(
+      mcfg, tx, mesh, c.seed, model_fn=training.model_fn_for(c, model_fn))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.every)
   try:
     state = ckpt.restore(abstract_train_state(state, shardings), step=step)

@@ -14,6 +14,7 @@ from flax import nnx
 
 from gptjax import sharding as shd
 from gptjax.checkpoint import Checkpointer, PreemptionWatcher
+from gptjax.compress import training as compress_training
 from gptjax.data.datasets import load_source
 from gptjax.data.pipeline import global_batch, make_pipeline
 from gptjax.train import evaluate as ev
@@ -132,10 +133,12 @@ def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
   train_data = pipeline_for(c, train_src, train=True, batch_size=c.train.batch_size)
   hooks = hooks or RunHooks()
   tx = make_optimizer(c)
-  if hooks.wrap_tx is not None:
-    tx = hooks.wrap_tx(tx)
+  wrap_tx = compress_training.wrap_tx_for(c, hooks.wrap_tx)  # + gradual pruning if enabled
+  if wrap_tx is not None:
+    tx = wrap_tx(tx)
   graphdef, rest, state, state_sh = create_train_state(
-      mcfg, tx, mesh, c.seed, model_fn=hooks.model_fn, init_params=hooks.init_params)
+      mcfg, tx, mesh, c.seed, model_fn=compress_training.model_fn_for(c, hooks.model_fn),
+      init_params=hooks.init_params)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.every,
                       keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
   if ckpt.latest_step() is not None:
