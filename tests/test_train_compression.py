@@ -121,12 +121,15 @@ def test_gradual_pruning_from_config_exact_sparsity_and_resume(shapes_data_dir, 
     ("prune.final_sparsity", 1.0, "[0, 1)"),
     ("prune.end_step", 0, "begin_step=2"),
     ("prune.frequency", 0, "positive integer"),
+    ("prune.n", 5, "0 < n <= m (m=4)"),
 ])
 def test_bad_compression_config_names_the_field(shapes_data_dir, key, value, shown):  # noqa: F811
   c = tiny_vlm_config(shapes_data_dir)
   section = key.split(".")[0]
   c[section].enabled = True
   c.prune.begin_step = 2
+  if key == "prune.n":
+    c.prune.method = "n_m"
   validate(c)
   c[section][key.split(".")[1]] = value
   with pytest.raises(ValueError, match=re.escape(f"config.{key}=")) as info:

@@ -56,10 +56,6 @@ def _act_qtype(value) -> Optional[str]:
   return None if value is None or str(value).lower() in ("", "none") else value
 
 
-def _fail(key: str, value, allowed: str):
-  raise ValueError(f"config.{key}={value!r} is invalid: {allowed}")
-
-
 def end_step(c) -> int:
   p = c.prune
   return p.end_step if p.end_step >= 0 else max(p.begin_step, (3 * c.train.steps) // 4)
@@ -68,6 +64,7 @@ def end_step(c) -> int:
 def validate(c) -> None:
   """Checks the ``qat`` and ``prune`` sections (when enabled); called by the config's
   ``validate``."""
+  from gptjax.train.config import _fail  # one error format for every config field
   q = _section(c, "qat")
   if q is not None:
     if q.weight_qtype not in QAT_QTYPES:
@@ -93,8 +90,12 @@ def validate(c) -> None:
             f"must be >= prune.begin_step={p.begin_step}, or -1 (3/4 of train.steps)")
     if p.frequency < 1:
       _fail("prune.frequency", p.frequency, "must be a positive integer")
-    if p.method == "n_m" and not 0 < p.n <= p.m:
-      _fail("prune.n", p.n, f"must satisfy 0 < n <= m (m={p.m})")
+    if p.method == "n_m":
+      if not 0 < p.n <= p.m:
+        _fail("prune.n", p.n, f"must satisfy 0 < n <= m (m={p.m})")
+      if p.final_sparsity <= 0:
+        _fail("prune.final_sparsity", p.final_sparsity, "must be > 0 for method 'n_m': the "
+              "N:M pattern is imposed once the schedule first exceeds 0")
 
 
 def model_fn_for(c, model_fn: Optional[Callable] = None) -> Optional[Callable]:
