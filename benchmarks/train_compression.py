@@ -12,6 +12,7 @@ tasks, decode tokens/s) plus the fraction of zero kernel weights:
   float -> PTQ int8          post-training int8 weights + calibrated int8 activations
   QAT int8 (fake quant)      trained with config.qat.enabled, evaluated as trained
   QAT -> int8                that run converted to real int8 (quantize.convert_qat_to_int8)
+  PTQ / QAT int4 weights     the same for per-channel int4 weights (activations float)
   gradual global 50 % / 75 % config.prune (cubic schedule to 3/4 of the steps)
   gradual 2:4                config.prune.method='n_m'
 """
@@ -78,6 +79,13 @@ def main():
   qat = train("qat", config(qat__enabled=True))
   add("QAT int8 (fake quant)", qat, "config.qat.enabled")
   add("QAT -> int8", quantize.convert_qat_to_int8(qat), "convert_qat_to_int8")
+  # int4 weights, per channel, activations float: where training for the rounding matters.
+  add("float -> PTQ int4 weights", quantize.int4_weight_only(float_model, group_size=None),
+      "per-channel int4 w, float a")
+  qat4 = train("qat_int4", config(qat__enabled=True, qat__weight_qtype="int4",
+                                  qat__act_qtype=None))
+  add("QAT int4 weights (fake quant)", qat4, "qat.weight_qtype=int4, act_qtype=None")
+  add("QAT int4 -> int4", quantize.convert_qat_to_int8(qat4), "convert_qat_to_int8 (its rules)")
   for name, changes in (
       ("gradual global 50%", dict(prune__final_sparsity=0.5)),
       ("gradual global 75%", dict(prune__final_sparsity=0.75)),

@@ -26,6 +26,7 @@ def get_config():
       mlp_keep_fraction=0.5,  # structured: half the MLP neurons of every block removed
       cnn_keep_fraction=1.0,  # < 1: also remove CNN channels (0.5 cost ~5 points of VQA here)
       heads_keep=0,  # 0 = keep all attention heads
+      sparsity=0.5,  # then 50 % of the remaining kernel weights zeroed during the fine-tune
       finetune_steps=300))
   c.quantize = ml_collections.ConfigDict(dict(
       method="int8", calibration_batches=4,

@@ -243,12 +243,21 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> list[StageResult
   pc = with_model(c.student, cfg)
   pc.unlock()
   pc.train.steps = p.finetune_steps
+  sparsity = p.get("sparsity", 0.0)
+  if sparsity:
+    # Unstructured on top of structured: the fine-tune prunes the smaller model's kernels
+    # gradually (global L1, cubic schedule over its first 3/4) and keeps them at zero.
+    pc.prune.update(dict(enabled=True, method="global", final_sparsity=sparsity,
+                         begin_step=0, end_step=-1, frequency=10))
   pc.lock()
   pdir = os.path.join(workdir, "pruned")
   distill_lib.distill(_inner(pc), pdir, teacher, alpha=d.alpha, temperature=d.temperature,
                       hidden_weight=d.hidden_weight, init_params=params)
   pruned = load_model(pdir, model_fn=distill_lib.student_model_fn(twidth),
                       select=lambda m: m.model)
+  if sparsity:
+    measured = prune_lib.sparsity_report(nnx.state(pruned, nnx.Param))["global"]
+    notes.append(f"{measured:.0%} of kernel weights zero")
   results.append(measure("pruned", pruned, save_float_params(pruned, os.path.join(
       workdir, "artifacts", "pruned")), ", ".join(notes) + f", {p.finetune_steps} fine-tune steps"))
   say(f"pruned: {results[-1]}")
