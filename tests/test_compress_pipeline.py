@@ -1,6 +1,7 @@
 """The teacher -> student -> pruned -> int8 pipeline end to end, at toy scale: every stage
 runs, resumes, and the report's measured sizes shrink the way each stage says."""
 import os
+import re
 
 import ml_collections
 import numpy as np
@@ -36,16 +37,45 @@ def _saved_arrays(directory) -> dict:
           for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-@pytest.mark.slow
-def test_pipeline_report(tmp_path):
+def _pipeline_config(data_dir):
   c = ml_collections.ConfigDict()
-  c.teacher = _train_config(tmp_path / "data", width=64, mlp=256, steps=6)
-  c.student = _train_config(tmp_path / "data", width=32, mlp=64, steps=4)
+  c.teacher = _train_config(data_dir, width=64, mlp=256, steps=6)
+  c.student = _train_config(data_dir, width=32, mlp=64, steps=4)
   c.distill = ml_collections.ConfigDict(dict(alpha=0.5, temperature=2.0, hidden_weight=0.0))
   c.prune = ml_collections.ConfigDict(dict(mlp_keep_fraction=0.5, heads_keep=0, sparsity=0.5,
                                             finetune_steps=4))
   c.quantize = ml_collections.ConfigDict(dict(method="int8", calibration_batches=1))
   c.report = ml_collections.ConfigDict(dict(decode_examples=16, speed_batch=2, speed_new_tokens=4))
+  return c
+
+
+@pytest.mark.parametrize("key,value,shown", [
+    ("prune.mlp_keep_fraction", 0.0, "(0, 1]"),
+    ("prune.sparsity", 1.0, "[0, 1)"),
+    ("prune.finetune_steps", 0, "positive integer"),
+    ("quantize.method", "int4", "('int8',)"),
+    ("distill.alpha", 1.5, "[0, 1]"),
+    ("distill.temperature", 0.0, "> 0"),
+    ("report.speed_batch", 0, "positive integer"),
+    ("student.model.vocab_size", 300, "vocab_size"),  # the student no longer shares it
+])
+def test_bad_pipeline_config_fails_before_training(tmp_path, key, value, shown):
+  c = _pipeline_config(tmp_path / "data")
+  *sections, name = key.split(".")
+  node = c
+  for sec in sections:
+    node = node[sec]
+  node[name] = value
+  with pytest.raises(ValueError, match=re.escape(shown)) as info:
+    run_pipeline(c, str(tmp_path / "run"))
+  if not key.startswith("student."):
+    assert f"config.{key}={value!r}" in str(info.value)
+  assert not os.path.exists(tmp_path / "run" / "teacher")  # nothing was trained
+
+
+@pytest.mark.slow
+def test_pipeline_report(tmp_path):
+  c = _pipeline_config(tmp_path / "data")
   results = run_pipeline(c, str(tmp_path / "run"))
   by = {r.stage: r for r in results}
   assert list(by) == ["teacher", "student", "pruned", "int8"]

@@ -187,7 +187,44 @@ def _plot(results: list[StageResult], path: str) -> None:
   plt.close(fig)
 
 
+def check_config(c: ml_collections.ConfigDict) -> None:
+  """The pipeline's own sections, and both training configs, checked before any training
+  starts (a bad value must not surface after the teacher's minutes of training)."""
+  from gptjax.train.config import _fail
+  p = c.prune
+  for key in ("mlp_keep_fraction", "cnn_keep_fraction"):
+    v = p.get(key, 1.0)
+    if not 0.0 < v <= 1.0:
+      _fail(f"prune.{key}", v, "must be in (0, 1] (the fraction kept)")
+  v = p.get("sparsity", 0.0)
+  if not 0.0 <= v < 1.0:
+    _fail("prune.sparsity", v, "must be in [0, 1)")
+  if p.heads_keep < 0:
+    _fail("prune.heads_keep", p.heads_keep, "must be >= 0 (0 keeps every head)")
+  if p.finetune_steps < 1:
+    _fail("prune.finetune_steps", p.finetune_steps, "must be a positive integer")
+  if c.quantize.method != "int8":
+    _fail("quantize.method", c.quantize.method, "allowed values are ('int8',)")
+  if c.quantize.calibration_batches < 1:
+    _fail("quantize.calibration_batches", c.quantize.calibration_batches,
+          "must be a positive integer")
+  d = c.distill
+  if not 0.0 <= d.alpha <= 1.0:
+    _fail("distill.alpha", d.alpha, "must be in [0, 1]")
+  if not d.temperature > 0:
+    _fail("distill.temperature", d.temperature, "must be > 0")
+  if d.hidden_weight < 0:
+    _fail("distill.hidden_weight", d.hidden_weight, "must be >= 0")
+  for key in ("speed_batch", "speed_new_tokens"):
+    if c.report[key] < 1:
+      _fail(f"report.{key}", c.report[key], "must be a positive integer")
+  if c.report.decode_examples < 0:
+    _fail("report.decode_examples", c.report.decode_examples, "must be >= 0")
+  distill_lib.check_compatible(validate(c.teacher), validate(c.student))
+
+
 def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> list[StageResult]:
+  check_config(c)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   r = c.report
