@@ -128,6 +128,8 @@ def main():
   ap.add_argument("--steps", type=int, default=400)
   ap.add_argument("--teacher-steps", type=int, default=400)
   ap.add_argument("--workdir", default="runs/distill_vs_scratch")
+  ap.add_argument("--json", default="", help="also write the results here (tests read it)")
+  ap.add_argument("--no-progress", dest="progress", action="store_false")
   args = ap.parse_args()
   sizes = [int(x) for x in args.transfer.split(",")]
   if any(not 0 < n <= TEACHER_RECORDS for n in sizes):
@@ -136,12 +138,17 @@ def main():
   if args.steps % 50:
     ap.error(f"--steps must be a multiple of 50 (the eval interval), got {args.steps}")
   t0 = time.perf_counter()
-  teacher, teacher_loss = train_teacher(args.workdir, steps=args.teacher_steps, progress=True)
+  teacher, teacher_loss = train_teacher(args.workdir, steps=args.teacher_steps,
+                                        progress=args.progress)
   rows = []
   for n in sizes:
-    rows.append(compare(args.workdir, teacher, transfer=n, steps=args.steps, progress=True))
+    rows.append(compare(args.workdir, teacher, transfer=n, steps=args.steps,
+                        progress=args.progress))
     print(f"{n} records: scratch {rows[-1]['scratch'][args.steps]:.3f}, "
           f"distilled {rows[-1]['distilled'][args.steps]:.3f}", flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(teacher=teacher_loss, rows=rows), f)
   table = _markdown(rows, teacher_loss, args.steps)
   png = os.path.join(args.workdir, "distill_vs_scratch.png")
   _plot(rows, teacher_loss, png)

@@ -248,7 +248,15 @@ def test_killed_mid_save_leaves_last_good_step(tmp_path):
       ckpt.save(1, {{"w": jnp.full((4,), 1.0)}})
       ckpt.wait()
       ckpt.save(2, {{"w": jnp.full((16_000_000,), 2.0)}})
-      os._exit(0)  # dies while the background write of step 2 is in flight
+      # Die while the background write of step 2 is in flight: once its temporary directory
+      # exists (on a loaded machine the writer thread may not have started at once; exiting
+      # before it does would test nothing).
+      import time
+      tmp = os.path.join({str(tmp_path)!r}, "2" + {TMP_DIR_SUFFIX!r})
+      deadline = time.time() + 60
+      while not os.path.exists(tmp) and time.time() < deadline:
+        time.sleep(0.001)
+      os._exit(0)
       """)
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
   subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120,
