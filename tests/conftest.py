@@ -14,3 +14,10 @@ if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " " + _DEVICE_FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # override (e.g. =cuda) to run on an accelerator
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Run the long end-to-end tests (``slow``) first. Under xdist's load scheduling a long
+  test that starts last runs alone at the end while the other worker idles; started first,
+  the short tests fill in around it. The sort is stable: the rest keep their order."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

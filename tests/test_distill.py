@@ -134,6 +134,7 @@ def test_distill_loss_mixes_kd_ce_and_hidden_matching_for_unlike_models():
   assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(t_grads))
 
 
+@pytest.mark.slow
 def test_distill_trains_an_unlike_student_end_to_end(shapes_data_dir, tmp_path):  # noqa: F811
   """``distill()`` through the training loop (sharded step, checkpoints, final eval) on the
   shapes data: the distillation loss falls and the saved student reloads as the

@@ -33,6 +33,7 @@ def _kernels_and_others(params):
   return kernels, others
 
 
+@pytest.mark.slow
 def test_qat_from_config_trains_reloads_and_converts(shapes_data_dir, compile_cache_dir,  # noqa: F811
                                                       tmp_path):
   from gptjax.compress import quantize as Q
@@ -80,6 +81,7 @@ def test_qat_from_config_trains_reloads_and_converts(shapes_data_dir, compile_ca
   assert float(jnp.linalg.norm(real - qat_out) / jnp.linalg.norm(qat_out)) < 1e-2
 
 
+@pytest.mark.slow
 def test_gradual_pruning_from_config_exact_sparsity_and_resume(shapes_data_dir,  # noqa: F811
                                                               compile_cache_dir, tmp_path):
   def config(steps):
