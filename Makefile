@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,train,quant]'
+	$(PY) -m pip install --quiet -e '.[test,train,quant,ref]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -18,9 +18,9 @@ venv: $(STAMP)
 # The GPT-4V -> GPT-4o-mini path on the built-in data: train the demo VLM (prints its test
 # metrics and held-out samples), distil a 4x smaller student, prune, int8; runs/demo/report.md.
 demo: $(STAMP)
-	$(PY) -m gptjax.compress.pipeline --config configs/mini_pipeline.py --workdir runs/demo
+	$(PY) -m gptjax.compress.recipe --config configs/mini_recipe.py --workdir runs/demo
 
-# Only the demo VLM's training (the pipeline's first stage).
+# Only the demo VLM's training (the recipe's first stage).
 train-demo: $(STAMP)
 	$(PY) train.py --config configs/demo.py --workdir runs/demo_vlm
 

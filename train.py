@@ -22,8 +22,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from gptjax.train.metrics import setup_cli_logging
   setup_cli_logging()
-  from gptjax.train.loop import run  # after flag parsing: keeps --help fast
-  summary = run(_CONFIG.value, _WORKDIR.value)
+  from gptjax.runs import train  # after flag parsing: keeps --help fast
+  summary = train(_CONFIG.value, _WORKDIR.value)
   if summary.get("preempted"):
     sys.exit(0)
 

@@ -30,10 +30,11 @@ def run_config(data_dir: str, *, width: int, mlp_dim: int, steps: int, train_siz
   The shapes splits are a pure function of (seed, split, index), so the first
   ``train_size`` training records and the test split are the same records in every run.
   """
-  from gptjax.train.config import base_config, model_section, shapes_kwargs, vision_section
+  from gptjax.runs import base_config
+  from gptjax.train.config import model_section, shapes_kwargs, vision_section
   c = base_config()
   c.model = model_section(
-      "tiny", max_seq_len=64, width=width, num_heads=4, num_kv_heads=None,
+      "tiny", max_seq_len=48, width=width, num_heads=4, num_kv_heads=None,
       mlp_dim=mlp_dim, vocab_size=304,
       vision=vision_section(kind="cnn", image_size=16, cnn_channels=(8, 8), width=16))
   c.data.data_dir = data_dir
@@ -63,8 +64,8 @@ def loss_curve(workdir: str) -> dict[int, float]:
 
 def train_teacher(workdir: str, *, steps: int = 400, progress: bool = False):
   """(teacher model, its final test loss); data prepared under ``workdir``/data."""
-  from gptjax.train.load import load_model
-  from gptjax.train.loop import run
+  from gptjax.runs import load_model
+  from gptjax.runs import train as run
   c = run_config(os.path.join(workdir, "data"), width=64, mlp_dim=256, steps=steps,
                  train_size=TEACHER_RECORDS, eval_every=0, progress=progress)
   out = run(c, os.path.join(workdir, "teacher"))
@@ -76,7 +77,7 @@ def compare(workdir: str, teacher, *, transfer: int, steps: int = 400, alpha: fl
   """Train the student from scratch and distilled on the first ``transfer`` records;
   returns both test-loss curves ({step: loss}, the last entry the final loss)."""
   from gptjax.compress.distill import distill
-  from gptjax.train.loop import run
+  from gptjax.runs import train as run
   c = run_config(os.path.join(workdir, "data"), width=32, mlp_dim=64, steps=steps,
                  train_size=transfer, progress=progress)
   scratch_dir = os.path.join(workdir, f"scratch_{transfer}")

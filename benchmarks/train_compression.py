@@ -4,7 +4,7 @@ Run: python benchmarks/train_compression.py [--steps 400 --workdir runs/train_co
 
 One small CNN-VLM config (width 64, 16 px ``shapes``, 1024 training records, the config of
 benchmarks/distill_vs_scratch.py's teacher) is trained several ways for the same steps, seed
-and batches; every result is evaluated by the compression pipeline's ``evaluate_stage`` on
+and batches; every result is evaluated by the compression recipe's ``evaluate_stage`` on
 the same 64-record test split (test loss, caption exact match, VQA accuracy over all 256
 tasks, decode tokens/s) plus the fraction of zero kernel weights:
 
@@ -43,9 +43,9 @@ def main():
     ap.error(f"--steps must be >= 4, got {args.steps}")
 
   from gptjax.compress import quantize
-  from gptjax.compress.pipeline import calibration_batches, evaluate_stage
-  from gptjax.train.load import load_model
-  from gptjax.train.loop import run
+  from gptjax.compress.recipe import calibration_batches, evaluate_stage
+  from gptjax.runs import load_model
+  from gptjax.runs import train as run
 
   t0 = time.perf_counter()
   data = os.path.join(args.workdir, "data")

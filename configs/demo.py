@@ -12,7 +12,8 @@ What makes it fit the budget (each measured, see BENCHMARKS.md):
 - lr 1e-3 (3e-3 stalled: kind-dependent answers stayed at chance for 1000+ steps).
 """
 from gptjax.data.tokenizer import make_tokenizer
-from gptjax.train.config import base_config, model_section, vision_section
+from gptjax.runs import base_config
+from gptjax.train.config import model_section, vision_section
 
 
 def get_config():
@@ -25,7 +26,8 @@ def get_config():
   c.data.pack = True
   c.data.packed_len = 48  # all four tasks of any record fit (max 46 tokens)
   c.model = model_section(
-      "mini", max_seq_len=128, dropout=0.0,
+      # 63 text tokens + 65 image tokens (8x8 grid + global): a 128-row position table.
+      "mini", max_seq_len=63, dropout=0.0,
       vocab_size=make_tokenizer(c.data.tokenizer).vocab_size,
       vision=vision_section(kind="cnn", image_size=32, cnn_channels=(32, 64), width=128,
                             global_token=True, cnn_pos_embed=True))

@@ -18,7 +18,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def get_config():
   c = load_config_file(os.path.join(HERE, "demo.py"))
   c.model = model_section(
-      "mini", max_seq_len=64, width=56, depth=2, num_heads=4, mlp_dim=128, dropout=0.0,
+      # 47 text tokens + 17 image tokens (4x4 grid + global): a 64-row position table.
+      "mini", max_seq_len=47, width=56, depth=2, num_heads=4, mlp_dim=128, dropout=0.0,
       vocab_size=c.model.vocab_size,
       vision=vision_section(kind="cnn", image_size=32, cnn_channels=(16, 32, 32), width=64,
                             global_token=True, cnn_pos_embed=True))

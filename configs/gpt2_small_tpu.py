@@ -9,7 +9,8 @@ tokenizer uses the first 260 of them until a BPE tokenizer is configured.
 """
 import ml_collections
 
-from gptjax.train.config import base_config, model_section
+from gptjax.runs import base_config
+from gptjax.train.config import model_section
 
 
 def get_config():

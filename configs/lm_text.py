@@ -7,7 +7,8 @@ By default it trains on this repository's own Python sources, so it runs out of 
 """
 import ml_collections
 
-from gptjax.train.config import base_config, model_section
+from gptjax.runs import base_config
+from gptjax.train.config import model_section
 
 
 def get_config():

@@ -13,7 +13,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def get_config():
   c = load_config_file(os.path.join(HERE, "demo.py"))
   c.model = model_section(
-      "mini", max_seq_len=128, width=256, depth=4, num_heads=8, mlp_dim=1024, dropout=0.0,
+      # 63 text tokens + 65 image tokens (8x8 patches + global): a 128-row position table.
+      "mini", max_seq_len=63, width=256, depth=4, num_heads=8, mlp_dim=1024, dropout=0.0,
       vocab_size=c.model.vocab_size,
       vision=vision_section(kind="vit", image_size=32, patch_size=4, width=256, depth=2,
                             num_heads=8, mlp_dim=512, global_token=True))

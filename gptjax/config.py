@@ -8,9 +8,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-import jax.numpy as jnp
-
-from gptjax.data.tokenizer import ByteTokenizer
 
 ATTENTION_KINDS = ("softmax", "linear")
 MLP_ACTIVATIONS = ("gelu", "swiglu")
@@ -107,18 +104,43 @@ class VisionConfig:
     return self.grid_size**2 + int(self.global_token)
 
 
+# The byte tokenizer's vocabulary: 256 bytes + <pad>, <bos>, <eos>, <sep> (a test checks it
+# equals gptjax.data.tokenizer.ByteTokenizer.vocab_size; the model floor does not import data).
+BYTE_VOCAB_SIZE = 260
+
+# Sizes that default to a value derived from others: ``None`` at construction resolves to
+# ``_DERIVED[name](config)``, so after construction each holds its int.
+_DERIVED = {
+    "num_kv_heads": lambda c: c.num_heads,
+    "head_dim": lambda c: c.width // c.num_heads,
+    "mlp_dim": lambda c: 4 * c.width,
+    "num_unique_layers": lambda c: c.depth,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """The decoder-only transformer, and optionally its vision encoder (``vision``)."""
+  """The decoder-only transformer, and optionally its vision encoder (``vision``).
 
-  vocab_size: int = ByteTokenizer.vocab_size
-  max_seq_len: int = 128  # S: image tokens + text tokens (bounds learned positions / caches)
+  ``max_seq_len`` bounds the *text*: a VLM sizes its position table and decode caches for
+  its image tokens plus ``max_seq_len`` text tokens itself (``max_total_len``), so adding a
+  vision encoder to a preset never makes the text budget disappear.
+
+  ``num_kv_heads``, ``head_dim``, ``mlp_dim`` and ``num_unique_layers`` may be given as
+  ``None`` and are then derived (num_heads, width // num_heads, 4 * width, depth) once, at
+  construction. Use ``cfg.replace(...)`` to change a config: it derives those again from
+  the new sizes unless they were set to something else. (``dataclasses.replace`` copies
+  the derived values as they are.)
+  """
+
+  vocab_size: int = BYTE_VOCAB_SIZE
+  max_seq_len: int = 128  # T_max: text tokens (image tokens come on top, see max_total_len)
   width: int = 64  # D
   depth: int = 2  # number of layers applied
   num_heads: int = 4  # N
-  num_kv_heads: Optional[int] = None  # K (GQA); None means = num_heads
-  head_size: Optional[int] = None  # H; None means width // num_heads (set by head pruning)
-  mlp_dim: Optional[int] = None  # F; None means 4 * width
+  num_kv_heads: Optional[int] = None  # K (GQA); None: = num_heads
+  head_dim: Optional[int] = None  # H; None: width // num_heads (head pruning sets it)
+  mlp_dim: Optional[int] = None  # F; None: 4 * width
   mlp_activation: str = "gelu"
   norm: str = "layernorm"
   norm_eps: float = 1e-5
@@ -129,9 +151,9 @@ class ModelConfig:
   attention: str = "softmax"
   attention_impl: str = "auto"  # softmax backend: auto picks per platform
   linear_chunk_size: int = 64
-  num_unique_layers: Optional[int] = None  # u < depth: layer i uses block i mod u
-  dtype: str = "float32"  # activations / compute
-  param_dtype: str = "float32"
+  num_unique_layers: Optional[int] = None  # u <= depth: layer i uses block i mod u
+  dtype: str = "float32"  # activations / compute (a dtype name JAX accepts as a dtype)
+  param_dtype: str = "float32"  # parameters
   remat: bool = False  # recompute each block in the backward pass (saves activation memory)
   vision: Optional[VisionConfig] = None
   prefix_lm: bool = True  # image tokens attend to each other bidirectionally
@@ -141,7 +163,7 @@ class ModelConfig:
     c = "ModelConfig"
     for f in ("vocab_size", "max_seq_len", "width", "depth", "num_heads", "linear_chunk_size"):
       _check_positive(c, f, getattr(self, f))
-    for f in ("num_kv_heads", "head_size", "mlp_dim", "num_unique_layers", "projector_hidden"):
+    for f in ("num_kv_heads", "head_dim", "mlp_dim", "num_unique_layers", "projector_hidden"):
       if getattr(self, f) is not None:
         _check_positive(c, f, getattr(self, f))
     _check_choice(c, "attention", self.attention, ATTENTION_KINDS)
@@ -151,15 +173,18 @@ class ModelConfig:
     _check_choice(c, "position", self.position, POSITION_KINDS)
     _check_choice(c, "dtype", self.dtype, DTYPES)
     _check_choice(c, "param_dtype", self.param_dtype, DTYPES)
-    if self.head_size is None and self.width % self.num_heads:
+    if self.head_dim is None and self.width % self.num_heads:
       _fail(c, "width", self.width, f"must be divisible by num_heads={self.num_heads} "
-            "(or set head_size explicitly)")
-    if self.num_heads % self.kv_heads:
+            "(or set head_dim explicitly)")
+    for name, derive in _DERIVED.items():
+      if getattr(self, name) is None:
+        object.__setattr__(self, name, derive(self))
+    if self.num_heads % self.num_kv_heads:
       _fail(c, "num_kv_heads", self.num_kv_heads,
             f"must divide num_heads={self.num_heads} (grouped-query attention)")
     if self.position == "rope" and self.head_dim % 2:
       _fail(c, "position", self.position,
-            f"rope needs an even head_dim, got width/num_heads={self.head_dim}")
+            f"rope needs an even head_dim, got head_dim={self.head_dim}")
     if self.num_unique_layers is not None and self.num_unique_layers > self.depth:
       _fail(c, "num_unique_layers", self.num_unique_layers,
             f"must be <= depth={self.depth} (layer i uses block i mod num_unique_layers)")
@@ -170,40 +195,23 @@ class ModelConfig:
     if self.vision is not None:
       if not isinstance(self.vision, VisionConfig):
         _fail(c, "vision", self.vision, "must be a VisionConfig or None")
-      if self.vision.num_tokens >= self.max_seq_len:
-        _fail(c, "max_seq_len", self.max_seq_len,
-              f"must exceed the {self.vision.num_tokens} image tokens of the vision encoder")
-
-  # Derived sizes (never stored twice).
-  @property
-  def head_dim(self) -> int:
-    return self.head_size or self.width // self.num_heads
-
-  @property
-  def kv_heads(self) -> int:
-    return self.num_kv_heads or self.num_heads
-
-  @property
-  def ffn_dim(self) -> int:
-    return self.mlp_dim or 4 * self.width
-
-  @property
-  def unique_layers(self) -> int:
-    return self.num_unique_layers or self.depth
-
-  @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  @property
-  def weight_dtype(self):
-    return jnp.dtype(self.param_dtype)
 
   @property
   def num_image_tokens(self) -> int:
+    """P: image tokens before the text (0 without vision)."""
     return self.vision.num_tokens if self.vision is not None else 0
 
+  @property
+  def max_total_len(self) -> int:
+    """S_max = P + T_max: rows of the learned position table, longest decode cache."""
+    return self.num_image_tokens + self.max_seq_len
+
   def replace(self, **changes) -> "ModelConfig":
+    """A copy with ``changes``; derived sizes that still equal their derivation from this
+    config (and are not in ``changes``) are derived again from the new one."""
+    for name, derive in _DERIVED.items():
+      if name not in changes and getattr(self, name) == derive(self):
+        changes[name] = None
     return dataclasses.replace(self, **changes)
 
 

@@ -7,6 +7,8 @@ a row (later positions repeat it) and the loop exits early once every row has st
 from __future__ import annotations
 
 import functools
+import sys
+import types
 from typing import Optional, Sequence
 
 import jax
@@ -132,12 +134,25 @@ def generate(model: nnx.Module, tokens, max_new_tokens: int, *, image=None,
     image = jnp.asarray(image)
   p = cfg.num_image_tokens if image is not None else 0
   max_len = p + tokens.shape[1] + max_new_tokens  # padding slots included
-  if cfg.position == "learned" and max_len > cfg.max_seq_len:
+  if cfg.position == "learned" and max_len > cfg.max_total_len:
     raise ValueError(f"image tokens ({p}) + prompt ({tokens.shape[1]}) + max_new_tokens "
-                     f"({max_new_tokens}) = {max_len} exceeds ModelConfig.max_seq_len="
-                     f"{cfg.max_seq_len}")
+                     f"({max_new_tokens}) = {max_len} exceeds the {cfg.max_total_len} learned "
+                     f"positions (image tokens {cfg.num_image_tokens} + ModelConfig.max_seq_len="
+                     f"{cfg.max_seq_len})")
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, tokens, prompt_mask, image, jax.random.key(seed),
                    jnp.asarray(temperature if temperature > 0 else 1.0, jnp.float32),
                    max_new_tokens=max_new_tokens, max_len=max_len,
                    greedy=temperature == 0.0, top_k=top_k, top_p=top_p, stop_token=stop_token)
+
+
+class _CallableModule(types.ModuleType):
+  """``gptjax.generate`` is this module *and* the sampling function: ``from gptjax import
+  generate; generate(model, tokens, n)`` and ``gptjax.generate.generate(model, tokens, n)``
+  both work (a package attribute cannot be a submodule and a function at once)."""
+
+  def __call__(self, *args, **kwargs) -> jax.Array:
+    return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -14,11 +14,10 @@ import numpy as np
 from flax import nnx
 
 from gptjax.config import ModelConfig
-from gptjax.layers.attention import (PAD_SEGMENT, SHARED_SEGMENT, Attention, KVCache,
-                                     LinearState)
+from gptjax.layers.attention import PAD_SEGMENT, SHARED_SEGMENT, KVCache, LinearState
+from gptjax.layers.block import Block, BlockConfig, make_dropout
 from gptjax.layers.embed import Embed, LearnedPositions
 from gptjax.layers.linear import Dense
-from gptjax.layers.mlp import MLP
 from gptjax.layers.norm import Norm
 from gptjax.vision import make_vision_encoder
 
@@ -34,34 +33,15 @@ class Cache(NamedTuple):
   pad: jax.Array  # (B,) int32
 
 
-def make_dropout(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Dropout:
-  # Only a model that uses dropout holds an RNG stream: a dropout-free model's state is
-  # parameters only, which keeps checkpoints and sharding trees free of key arrays. The
-  # train step reseeds the stream from (seed, step) with `nnx.reseed`, so it is never
-  # checkpointed either.
-  return nnx.Dropout(cfg.dropout, rngs=rngs if cfg.dropout > 0 else None)
-
-
-class Block(nnx.Module):
-  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
-
-  def __init__(self, cfg: ModelConfig, *, causal: bool = True, rngs: nnx.Rngs):
-    kw = dict(eps=cfg.norm_eps, param_dtype=cfg.weight_dtype, rngs=rngs)
-    self.attn_norm = Norm(cfg.width, cfg.norm, **kw)
-    self.attn = Attention(cfg, causal=causal, rngs=rngs)
-    self.mlp_norm = Norm(cfg.width, cfg.norm, **kw)
-    self.mlp = MLP(cfg.width, cfg.ffn_dim, cfg.mlp_activation, dtype=cfg.compute_dtype,
-                   param_dtype=cfg.weight_dtype, out_init_scale=1.0 / (2 * cfg.depth), rngs=rngs)
-    self.dropout = make_dropout(cfg, rngs)
-
-  def __call__(self, x, *, positions=None, cache=None, cache_index=None, prefix_len=None,
-               segment_ids=None, kv_segment_ids=None):
-    h, cache = self.attn(self.attn_norm(x), positions=positions, cache=cache,
-                         cache_index=cache_index, prefix_len=prefix_len,
-                         segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
-    x = x + self.dropout(h)
-    x = x + self.dropout(self.mlp(self.mlp_norm(x)))
-    return x, cache
+def block_config(cfg: ModelConfig) -> BlockConfig:
+  """The decoder's blocks: causal, the model's sizes, kind and dtypes."""
+  return BlockConfig(
+      width=cfg.width, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+      head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim, mlp_activation=cfg.mlp_activation,
+      norm=cfg.norm, norm_eps=cfg.norm_eps, attention=cfg.attention,
+      attention_impl=cfg.attention_impl, linear_chunk_size=cfg.linear_chunk_size,
+      rope_theta=cfg.rope_theta if cfg.position == "rope" else None, dropout=cfg.dropout,
+      depth=cfg.depth, causal=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
 
 def check_tokens(tokens, vocab_size: int, what: str = "tokens") -> None:
@@ -83,18 +63,19 @@ class GPT(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.config = cfg
-    dt, pdt = cfg.compute_dtype, cfg.weight_dtype
+    dt, pdt = cfg.dtype, cfg.param_dtype
     self.embed = Embed(cfg.vocab_size, cfg.width, dtype=dt, param_dtype=pdt, rngs=rngs)
-    self.positions = (LearnedPositions(cfg.max_seq_len, cfg.width, dtype=dt, param_dtype=pdt,
+    self.positions = (LearnedPositions(cfg.max_total_len, cfg.width, dtype=dt, param_dtype=pdt,
                                        rngs=rngs) if cfg.position == "learned" else None)
-    # Weight sharing (ALBERT): only `unique_layers` blocks exist; layer i applies block
+    # Weight sharing (ALBERT): only `num_unique_layers` blocks exist; layer i applies block
     # i mod u, so the parameter count and the checkpoint really shrink.
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.unique_layers)])
+    bcfg = block_config(cfg)
+    self.blocks = nnx.List([Block(bcfg, rngs=rngs) for _ in range(cfg.num_unique_layers)])
     self.final_norm = Norm(cfg.width, cfg.norm, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
     self.head = (None if cfg.tie_embeddings else
                  Dense((cfg.width,), (cfg.vocab_size,), ("embed", "vocab"), use_bias=False,
                        dtype=dt, param_dtype=pdt, rngs=rngs))
-    self.dropout = make_dropout(cfg, rngs)
+    self.dropout = make_dropout(cfg.dropout, rngs)
 
   # -- pieces -------------------------------------------------------------------------
   def layer(self, i: int) -> Block:
@@ -171,12 +152,13 @@ class GPT(nnx.Module):
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> Cache:
     cfg = self.config
-    if cfg.position == "learned" and max_len > cfg.max_seq_len:
-      raise ValueError(f"cache max_len={max_len} exceeds ModelConfig.max_seq_len="
-                       f"{cfg.max_seq_len} (learned positions end there)")
-    dtype = dtype or cfg.compute_dtype
+    if cfg.position == "learned" and max_len > cfg.max_total_len:
+      raise ValueError(f"cache max_len={max_len} exceeds the {cfg.max_total_len} positions of "
+                       f"the learned table (image tokens {cfg.num_image_tokens} + "
+                       f"ModelConfig.max_seq_len={cfg.max_seq_len})")
+    dtype = dtype or cfg.dtype
     if cfg.attention == "softmax":
-      layer = lambda: KVCache.zeros(batch_size, max_len, cfg.kv_heads, cfg.head_dim, dtype)
+      layer = lambda: KVCache.zeros(batch_size, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
     else:
       layer = lambda: LinearState.zeros(batch_size, cfg.num_heads, cfg.head_dim)
     return Cache(tuple(layer() for _ in range(cfg.depth)), jnp.zeros((), jnp.int32),
@@ -224,7 +206,7 @@ class Projector(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     hidden = cfg.projector_hidden or cfg.width
-    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     self.fc1 = Dense((cfg.vision.width,), (hidden,), ("vision_embed", "mlp"), **kw)
     self.fc2 = Dense((hidden,), (cfg.width,), ("mlp", "embed"), **kw)
 
@@ -240,8 +222,8 @@ class VLM(nnx.Module):
       raise ValueError("ModelConfig.vision=None is invalid for VLM: set a VisionConfig "
                        "(kind 'cnn' or 'vit'), or use GPT for a text-only model")
     self.config = cfg
-    self.vision = make_vision_encoder(cfg.vision, dtype=cfg.compute_dtype,
-                                      param_dtype=cfg.weight_dtype, rngs=rngs)
+    self.vision = make_vision_encoder(cfg.vision, dtype=cfg.dtype,
+                                      param_dtype=cfg.param_dtype, rngs=rngs)
     self.projector = Projector(cfg, rngs=rngs)
     self.decoder = GPT(cfg, rngs=rngs)
 
@@ -274,6 +256,13 @@ class VLM(nnx.Module):
              token_mask: Optional[jax.Array] = None):
     """Append tokens (and the image, at prefill) to ``cache`` -> (last logits, cache)."""
     return self(tokens, image, cache=cache, token_mask=token_mask)
+
+
+def from_config(cfg: ModelConfig, seed: int = 0) -> nnx.Module:
+  """A randomly initialised model of ``cfg``: a ``VLM`` when ``cfg.vision`` is set, else a
+  ``GPT``. ``seed`` seeds the parameters (and ``seed + 1`` the dropout stream)."""
+  rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+  return (VLM if cfg.vision is not None else GPT)(cfg, rngs=rngs)
 
 
 def count_params(model_or_state) -> int:

@@ -16,8 +16,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gptjax.tree import is_variable
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -36,6 +37,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("conv_in", None),
     ("patch", None),
     ("seq", None),
+    ("position", None),  # rows of learned position tables
 )
 
 
@@ -93,23 +95,19 @@ def logical_to_spec(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: M
   return P(*spec)
 
 
-def _is_var(x) -> bool:
-  return isinstance(x, nnx.Variable)
-
-
 def state_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
   """Same-structure tree of ``NamedSharding``: Variables with ``logical_axes`` are sharded by
   the rules, everything else (step counters, RNG, norms' scalars) is replicated."""
 
   def one(x):
-    if _is_var(x):
+    if is_variable(x):
       axes = x.get_metadata().get("logical_axes")
       value = x.get_value() if hasattr(x, "get_value") else x[...]
       spec = logical_to_spec(axes, value.shape, mesh, rules) if axes else P()
       return x.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, P())
 
-  return jax.tree.map(one, tree, is_leaf=_is_var)
+  return jax.tree.map(one, tree, is_leaf=is_variable)
 
 
 def batch_spec() -> P:

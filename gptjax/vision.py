@@ -1,16 +1,16 @@
 """Vision encoders with one interface: image (B, H, W, C) in [0, 1] -> tokens (B, P, D_v)."""
 from __future__ import annotations
 
-import dataclasses
-
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from gptjax.config import ModelConfig, VisionConfig
+from gptjax.config import VisionConfig
+from gptjax.layers.block import Block, BlockConfig
 from gptjax.layers.linear import Dense, param
 from gptjax.layers.norm import Norm
+
 
 def add_global_token(tokens: jax.Array, cfg: VisionConfig) -> jax.Array:
   """(B, P, D) -> (B, P + 1, D) with the channel-wise max over the grid appended.
@@ -82,28 +82,27 @@ class CNNEncoder(nnx.Module):
     return out.at[:, :gh * gw].add(pos)
 
 
-def vit_block_config(cfg: VisionConfig) -> ModelConfig:
-  """The ViT's encoder blocks are our transformer blocks with a derived config."""
-  return ModelConfig(vocab_size=1, max_seq_len=cfg.grid_size**2 + 1, width=cfg.width,
-                     depth=cfg.depth, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim,
-                     position="learned", attention="softmax", norm="layernorm")
+def vit_block_config(cfg: VisionConfig, *, dtype, param_dtype) -> BlockConfig:
+  """The ViT's blocks: bidirectional softmax attention, LayerNorm, GELU, at vision width."""
+  return BlockConfig(width=cfg.width, num_heads=cfg.num_heads, num_kv_heads=cfg.num_heads,
+                     head_dim=cfg.width // cfg.num_heads, mlp_dim=cfg.mlp_dim,
+                     depth=cfg.depth, causal=False, dtype=jnp.dtype(dtype).name,
+                     param_dtype=jnp.dtype(param_dtype).name)
 
 
 class ViTEncoder(nnx.Module):
   """Patch embedding + learned positions + bidirectional pre-norm blocks (Dosovitskiy 2021)."""
 
   def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-    from gptjax.model import Block  # model imports vision; the ViT reuses its Block
-    bcfg = dataclasses.replace(vit_block_config(cfg), dtype=jnp.dtype(dtype).name,
-                               param_dtype=jnp.dtype(param_dtype).name)
+    bcfg = vit_block_config(cfg, dtype=dtype, param_dtype=param_dtype)
     p, c = cfg.patch_size, cfg.channels
     self.patch_size = p
     self.cfg = cfg
     self.patch_embed = Dense((p * p * c,), (cfg.width,), ("patch", "vision_embed"),
                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.pos = param(rngs, jax.nn.initializers.normal(0.02), (cfg.grid_size**2, cfg.width),
-                     (None, "vision_embed"), param_dtype)
-    self.blocks = nnx.List([Block(bcfg, causal=False, rngs=rngs) for _ in range(cfg.depth)])
+                     ("position", "vision_embed"), param_dtype)
+    self.blocks = nnx.List([Block(bcfg, rngs=rngs) for _ in range(cfg.depth)])
     self.norm = Norm(cfg.width, "layernorm", param_dtype=param_dtype, rngs=rngs)
     self.dtype = dtype
 

@@ -75,9 +75,10 @@ def tiny_vlm_config(data_dir: str, **model_overrides):
   is shift-invariant) would otherwise turn float noise (~1e-10) into updates of ~lr/100 that
   differ between device layouts.
   """
-  from gptjax.train.config import base_config, model_section, shapes_kwargs, vision_section
+  from gptjax.runs import base_config
+  from gptjax.train.config import model_section, shapes_kwargs, vision_section
   c = base_config()
-  model = dict(max_seq_len=128, num_heads=8, num_kv_heads=None, mlp_dim=64, vocab_size=264,
+  model = dict(max_seq_len=112, num_heads=8, num_kv_heads=None, mlp_dim=64, vocab_size=264,
                vision=vision_section(**VISION_KW))
   model.update(model_overrides)
   c.model = model_section("tiny", **model)
@@ -85,7 +86,7 @@ def tiny_vlm_config(data_dir: str, **model_overrides):
   c.data.task = "vqa"
   c.data.data_dir = data_dir
   c.data.builder_kwargs = shapes_kwargs(**SHAPES_KW)
-  c.data.prompt_len, c.data.target_len = 40, 60  # 16 image + 99 text tokens <= 128
+  c.data.prompt_len, c.data.target_len = 40, 60  # 99 text tokens <= 112 (+ 16 image: 128 positions)
   c.optim.lr, c.optim.warmup_steps, c.optim.end_lr_ratio = 3e-3, 0, 1.0
   c.optim.weight_decay, c.optim.eps = 0.0, 1e-5
   c.train.steps = 6

@@ -1,4 +1,4 @@
-"""gptjax.checkpoint: round trips, data-iterator state, retention, resharding, crash safety,
+"""gptjax.train.checkpoint (and .preemption): round trips, data-iterator state, retention, resharding, crash safety,
 clear errors, and the preemption watcher. Runs on the 8 fake CPU devices from conftest.py."""
 import os
 import shutil
@@ -18,8 +18,9 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from gptjax.checkpoint import (TMP_DIR_SUFFIX, CheckpointCorruptError, CheckpointMismatchError,
-                               Checkpointer, PreemptionWatcher, abstract_like)
+from gptjax.train.checkpoint import (TMP_DIR_SUFFIX, CheckpointCorruptError,
+                                     CheckpointMismatchError, Checkpointer, abstract_like)
+from gptjax.train.preemption import PreemptionWatcher
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -243,7 +244,7 @@ def test_killed_mid_save_leaves_last_good_step(tmp_path):
   """A real crash: a subprocess starts an async save of a big array and exits at once."""
   script = textwrap.dedent(f"""
       import os, jax.numpy as jnp
-      from gptjax.checkpoint import Checkpointer
+      from gptjax.train.checkpoint import Checkpointer
       ckpt = Checkpointer({str(tmp_path)!r}, save_every=1)
       ckpt.save(1, {{"w": jnp.full((4,), 1.0)}})
       ckpt.wait()

@@ -141,7 +141,7 @@ def test_distill_trains_an_unlike_student_end_to_end(shapes_data_dir, tmp_path):
   linear-attention ViT model it was configured as."""
   from _train_helpers import tiny_vlm_config, train_rows
   from gptjax.train.config import vision_section
-  from gptjax.train.load import load_model
+  from gptjax.runs import load_model
   vit = dataclasses.asdict(_STUDENT["vision"])
   c = tiny_vlm_config(shapes_data_dir, **{k: v for k, v in _STUDENT.items() if k != "vision"},
                       vision=vision_section(**vit))
@@ -155,8 +155,7 @@ def test_distill_trains_an_unlike_student_end_to_end(shapes_data_dir, tmp_path):
   assert rows[-1]["step"] == 30
   assert rows[-1]["loss"] < 0.8 * rows[0]["loss"], [r["loss"] for r in rows]
   assert np.isfinite(out["test"]["loss"])
-  student = load_model(str(tmp_path / "kd"), model_fn=distill.student_model_fn(48),
-                       select=lambda m: m.model)
+  student = load_model(str(tmp_path / "kd"), hooks=distill.student_hooks(48))
   assert student.config.attention == "linear" and student.config.vision.kind == "vit"
   assert student.config.num_unique_layers == 2 and student.config.width == 32
 

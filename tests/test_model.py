@@ -51,7 +51,7 @@ def test_gpt_forward_shape_and_dtype():
   assert logits.shape == (B, T, V)
   assert logits.dtype == jnp.float32
   assert np.isfinite(np.asarray(logits)).all()
-  assert len(model.blocks) == TINY.unique_layers
+  assert len(model.blocks) == TINY.num_unique_layers
   # Eager (un-jitted) call agrees with the jitted one.
   np.testing.assert_allclose(_np(model(_tokens(0))), _np(logits), rtol=1e-5, atol=1e-5)
 
@@ -175,7 +175,7 @@ def _expected_params(cfg):
   attention projections q: D->(N,H), k,v: D->(K,H), o: (N,H)->D; the vision tower is not
   counted here (text-only GPT).
   """
-  D, N, K, Hd, F = cfg.width, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.ffn_dim
+  D, N, K, Hd, F = cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
   Vs = cfg.vocab_size
   norm = 2 * D if cfg.norm == "layernorm" else D
   attn = (D * N * Hd + N * Hd) + 2 * (D * K * Hd + K * Hd) + (N * Hd * D + D)
@@ -184,9 +184,9 @@ def _expected_params(cfg):
   else:
     mlp = 2 * (D * F + F) + (F * D + D)
   block = 2 * norm + attn + mlp
-  total = Vs * D + cfg.unique_layers * block + norm
+  total = Vs * D + cfg.num_unique_layers * block + norm
   if cfg.position == "learned":
-    total += cfg.max_seq_len * D
+    total += cfg.max_total_len * D  # image + text positions
   if not cfg.tie_embeddings:
     total += D * Vs  # untied output head (no bias)
   return total, block

@@ -10,7 +10,8 @@ import gptjax
 from gptjax.data.pipeline import Example, encode_packed, encode_vqa
 from gptjax.data.tokenizer import ByteTokenizer
 from gptjax.generate import generate, pad_prompts
-from gptjax.train.config import base_config, model_section, validate, vision_section
+from gptjax.runs import base_config
+from gptjax.train.config import model_section, validate, vision_section
 
 VISION = gptjax.VisionConfig(kind="cnn", image_size=16, cnn_channels=(8, 8), width=16)
 

@@ -1,9 +1,8 @@
-"""gptjax.compress.prune: exact counts against NumPy references, N:M groups, structured
-pruning checked against the unpruned model with the same units zeroed, gradual pruning
-through AdamW with the masks checkpointed, and clear errors."""
-import dataclasses
+"""gptjax.compress.prune: exact counts against NumPy references, the prunable rule read from
+logical axes, N:M groups, structured pruning checked against the unpruned model with the
+same units zeroed, gradual pruning through AdamW with the masks checkpointed, and clear
+errors. (PyTorch's own masks are compared in test_prune_vs_torch.py.)"""
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -12,17 +11,12 @@ import optax
 import pytest
 from flax import nnx
 
-from gptjax.checkpoint import Checkpointer, abstract_like
+from gptjax.train.checkpoint import Checkpointer, abstract_like
 from gptjax.compress import prune
-from gptjax.config import ModelConfig, VisionConfig, preset
+from gptjax.config import VisionConfig, preset
 from gptjax.model import GPT, VLM
-
-HAS_HEAD_DIM_FIELD = bool(set(prune.HEAD_DIM_FIELDS)
-                          & {f.name for f in dataclasses.fields(ModelConfig)})
-needs_head_dim = pytest.mark.xfail(
-    not HAS_HEAD_DIM_FIELD, raises=NotImplementedError, strict=True,
-    reason="ModelConfig has no explicit head-dim field (head pruning keeps head_dim while "
-           "num_heads shrinks)")
+# (The HAS_HEAD_DIM_FIELD / needs_head_dim xfail machinery is gone: ModelConfig.head_dim
+# always exists now, so head pruning is always supported.)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -50,13 +44,15 @@ def check_global(params, masks, a, prunable):
       assert m.all(), f"non-prunable {name} was masked"
   w = np.concatenate([np.abs(x).ravel() for n, x in p if prunable(n)])
   keep = np.concatenate([m.ravel() for n, m in mk if prunable(n)])
-  assert (~keep).sum() == math.floor(a * w.size)
+  # Was floor(a * n): the count is now torch's, round(a * n) (Python's round, half to even).
+  assert (~keep).sum() == round(a * w.size)
   if 0 < (~keep).sum() < w.size:
     assert w[keep].min() >= w[~keep].max()
 
 
 def random_tree(seed=0):
-  """Plain nested dict/list pytree; values rounded to 1 decimal, so |w| has many exact ties."""
+  """Plain nested dict/list pytree; values rounded to 1 decimal, so |w| has many exact ties.
+  No metadata: every floating leaf with ndim >= 2 is a kernel (the embedding table too)."""
   r = np.random.default_rng(seed)
   q = lambda *s: np.round(r.normal(size=s), 1).astype(np.float32)
   return {
@@ -69,7 +65,9 @@ def random_tree(seed=0):
 
 
 def tree_prunable(name):
-  return name.split(".")[-1] in ("w", "kernel")
+  # Plain trees carry no metadata, so the embedding table is an ordinary 2-D kernel now (it
+  # used to be excluded by the removed EMBEDDING_NAMES list); biases / scales are 1-D.
+  return name.split(".")[-1] in ("w", "kernel", "embedding")
 
 
 def tiny_cfg(**kw):
@@ -142,7 +140,13 @@ def test_global_magnitude_plain_tree_exact_count_with_ties(a):
   masks = prune.global_magnitude(tree, sparsity=a)
   assert jax.tree.structure(masks) == jax.tree.structure(tree)
   check_global(tree, masks, a, tree_prunable)
-  assert all(np.asarray(m).all() for m in jax.tree.leaves(masks["embed"]))
+  # Was: the embedding's masks are all True (the name rule). Without metadata nothing is an
+  # embedding: the table is a prunable kernel, and leaving it out is the caller's choice.
+  assert prune.is_prunable(tree["embed"]["embedding"])
+  assert not prune.is_prunable(tree["layers"][0]["bias"])
+  no_embed = {k: v for k, v in tree.items() if k != "embed"}
+  check_global(no_embed, prune.global_magnitude(no_embed, sparsity=a),
+               a, lambda n: tree_prunable(n) and not n.endswith("embedding"))
   # deterministic, and apply_masks zeroes exactly the masked weights
   again = prune.global_magnitude(tree, sparsity=a)
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), masks, again)
@@ -158,23 +162,64 @@ def test_global_magnitude_nnx_state_of_gpt(a):
   assert jax.tree.structure(masks) == jax.tree.structure(params)
   assert isinstance(masks["blocks"][0]["attn"]["q"]["kernel"], nnx.Param)
   check_global(params, masks, a, is_kernel)
-  # the pure-dict view of the same params gives the same masks (name rule == metadata rule)
-  pure_masks = prune.global_magnitude(nnx.to_pure_dict(params), sparsity=a)
-  for x, y in zip(jax.tree.leaves(masks), jax.tree.leaves(pure_masks)):
-    np.testing.assert_array_equal(x, y)
+  # Was: the whole pure-dict view gives the same masks (name rule == metadata rule). With no
+  # name rule a plain dict's embeddings and 2-D q/k/v biases are kernels too, so the
+  # caller passes the kernels only -- and then the masks are the same.
+  kernels = {name: x for name, x in named_leaves(params) if is_kernel(name)}
+  pure_masks = prune.global_magnitude(kernels, sparsity=a)
+  for name, m in named_leaves(masks):
+    if is_kernel(name):
+      np.testing.assert_array_equal(m, pure_masks[name])
   pruned = prune.apply_masks(params, masks)
   assert pruned["embed"]["embedding"].get_metadata()["logical_axes"] == ("vocab", "embed")
   rep = prune.sparsity_report(pruned)
   n = sum(x.size for name, x in named_leaves(params) if is_kernel(name))
-  assert rep["prunable"] == n and rep["zeros"] == math.floor(a * n)
+  assert rep["prunable"] == n and rep["zeros"] == round(a * n)  # was floor: torch's round now
   assert set(rep["kernels"]) == {name for name, _ in named_leaves(params) if is_kernel(name)}
 
 
 def test_include_embeddings():
-  tree = random_tree()
-  masks = prune.global_magnitude(tree, 0.5, include_embeddings=True)
-  check_global(tree, masks, 0.5, lambda n: tree_prunable(n) or n.endswith("embedding"))
-  assert not np.asarray(masks["embed"]["embedding"]).all()
+  # Was on the plain random_tree, whose embedding was found by name; embeddings are found by
+  # their logical axes now ('vocab', 'position'), so this uses a model's nnx.State.
+  params = nnx.state(make(GPT, tiny_cfg()), nnx.Param)
+  masks = prune.global_magnitude(params, 0.5, include_embeddings=True)
+  check_global(params, masks, 0.5,
+               lambda n: is_kernel(n) or n.endswith("embedding") or n.endswith("table"))
+  assert not np.asarray(masks["embed"]["embedding"][...]).all()
+  assert not np.asarray(masks["positions"]["table"][...]).all()
+
+
+@pytest.mark.parametrize("model_cfg", [
+    ("gpt", dict(tie_embeddings=False)),
+    ("vit", dict(vision=VisionConfig(kind="vit", image_size=8, patch_size=4, width=16, depth=1,
+                                     num_heads=2, mlp_dim=32))),
+    ("cnn", {}),
+])
+def test_prunable_rule_from_logical_axes(model_cfg):
+  """Every model leaf is classified by its metadata alone: kernels prunable, the token
+  table, untied head and both learned position tables embeddings, biases / norms neither."""
+  kind, kw = model_cfg
+  cfg = vlm_cfg(**kw) if kind == "cnn" else tiny_cfg(**kw)
+  params = nnx.state(make(VLM if cfg.vision is not None else GPT, cfg), nnx.Param)
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+  seen = set()
+  for path, var in flat:
+    name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    leaf = name.split(".")[-1]
+    embedding = leaf in ("embedding", "table", "pos") or name == "head.kernel"
+    assert prune.is_embedding(var) == embedding, name
+    assert prune.is_prunable(var) == (leaf == "kernel" and not embedding), name
+    assert prune.is_prunable(var, include_embeddings=True) == (leaf == "kernel" or embedding), name
+    if prune.is_prunable(var):
+      want = 3 if "conv" in name or name.startswith("vision.out") else 2 if ".o." in name else 1
+      assert prune.reduction_ndim(var) == want, name
+    seen.add("embedding" if embedding else leaf)
+  assert {"embedding", "kernel", "bias", "scale"} <= seen
+  # Plain arrays: ndim >= 2 floating leaves are kernels reducing over all but the last dim.
+  assert prune.is_prunable(np.zeros((4, 3), np.float32))
+  assert not prune.is_prunable(np.zeros((4,), np.float32))
+  assert not prune.is_prunable(np.zeros((4, 3), np.int32))
+  assert [prune.reduction_ndim(np.zeros(s)) for s in [(4, 3), (2, 4, 8), (3, 3, 4, 8)]] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("a", [0.3, 0.9])
@@ -185,8 +230,22 @@ def test_layerwise_magnitude_exact_per_kernel(a):
     if not tree_prunable(name):
       assert m.all()
       continue
-    assert (~m).sum() == math.floor(a * x.size), name
+    assert (~m).sum() == round(a * x.size), name  # was floor: torch's round now
     assert np.abs(x)[m].min() >= np.abs(x)[~m].max(), name
+
+
+def test_num_pruned_rounds_half_to_even_like_torch():
+  """round(s * n), Python's (torch's) rounding: ties go to the even count; a traced float32
+  sparsity (the gradual schedule's) gets the same counts at the sparsities used here."""
+  ties = [(0.25, 10, 2), (0.25, 6, 2), (0.5, 5, 2), (0.5, 7, 4), (0.3, 5, 2), (0.1, 5, 0)]
+  traced = jax.jit(prune.num_pruned, static_argnums=1)
+  for s, n, want in ties:
+    assert prune.num_pruned(s, n) == want == round(s * n), (s, n)
+    assert int(traced(jnp.float32(s), n)) == want, (s, n)
+  ss, ns = [0.1, 0.25, 0.3, 0.5, 0.6, 0.75, 0.9], np.arange(1, 2000)
+  grid = jax.jit(jax.vmap(jax.vmap(prune.num_pruned, (0, None)), (None, 0)))
+  np.testing.assert_array_equal(grid(jnp.asarray(ss, jnp.float32), jnp.asarray(ns)),
+                                [[round(s * int(n)) for s in ss] for n in ns])
 
 
 def test_existing_masks_stay_pruned():
@@ -198,7 +257,8 @@ def test_existing_masks_stay_pruned():
   for a, b in zip(jax.tree.leaves(m1), jax.tree.leaves(m2)):
     assert not np.any(np.asarray(b) & ~np.asarray(a))
   n = sum(x.size for name, x in named_leaves(tree) if tree_prunable(name))
-  assert sum((~np.asarray(b)).sum() for b in jax.tree.leaves(m2)) == math.floor(0.5 * n)
+  # was floor(0.5 * n): torch's round now (n counts the plain tree's embedding, see above)
+  assert sum((~np.asarray(b)).sum() for b in jax.tree.leaves(m2)) == round(0.5 * n)
 
 
 # ------------------------------------------------------------------------------- N:M
@@ -254,14 +314,14 @@ def test_prune_neurons_equals_zeroed_units(activation, unique):
   new_cfg, new_params, kept = prune.prune_neurons(model, keep, return_indices=True)
   assert new_cfg.mlp_dim == keep and new_cfg.depth == 3
   edits = {}
-  for b in range(cfg.unique_layers):
+  for b in range(cfg.num_unique_layers):
     mlp = model.blocks[b].mlp
     names = ["up"] + (["gate"] if activation == "swiglu" else [])
     slices = [np.asarray(getattr(mlp, n).kernel[...]).T for n in names]
     slices += [np.asarray(getattr(mlp, n).bias[...]) for n in names]
     slices.append(np.asarray(mlp.down.kernel[...]))
     np.testing.assert_array_equal(kept[b], np_top(np_scores(slices), keep))
-    drop = np.setdiff1d(np.arange(cfg.ffn_dim), kept[b])
+    drop = np.setdiff1d(np.arange(cfg.mlp_dim), kept[b])
     for n in names:
       edits[("blocks", b, "mlp", n, "kernel")] = set_zero((slice(None), drop))
       edits[("blocks", b, "mlp", n, "bias")] = set_zero(drop)
@@ -300,7 +360,6 @@ def test_prune_channels_vlm_cnn_equals_zeroed_channels():
     np.testing.assert_array_equal(x, y)
 
 
-@needs_head_dim
 @pytest.mark.parametrize("kv,keep,unique,vision", [(None, 3, None, False), (2, 2, 1, False),
                                                    (2, 2, None, True)])
 def test_prune_heads_equals_zeroed_heads(kv, keep, unique, vision):
@@ -308,12 +367,12 @@ def test_prune_heads_equals_zeroed_heads(kv, keep, unique, vision):
   model = make(VLM if vision else GPT, cfg)
   dec = model.decoder if vision else model
   new_cfg, new_params, kept = prune.prune_heads(model, keep, return_indices=True)
-  n, k, h = cfg.num_heads, cfg.kv_heads, cfg.width // cfg.num_heads
+  n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.width // cfg.num_heads
   assert new_cfg.num_heads == keep and new_cfg.head_dim == h
-  assert new_cfg.kv_heads == (keep if kv is None else kv)
+  assert new_cfg.num_kv_heads == (keep if kv is None else kv)
   pre = ("decoder",) if vision else ()
   edits = {}
-  for b in range(cfg.unique_layers):
+  for b in range(cfg.num_unique_layers):
     at = dec.blocks[b].attn
     q, o = np.asarray(at.q.kernel[...]), np.asarray(at.o.kernel[...])
     slices = [np.moveaxis(q, 1, 0), o, np.asarray(at.q.bias[...])]
@@ -333,7 +392,7 @@ def test_prune_heads_equals_zeroed_heads(kv, keep, unique, vision):
     blk = new_params[pre[0]]["blocks"][b] if vision else new_params["blocks"][b]
     assert blk["attn"]["q"]["kernel"].shape == (cfg.width, keep, h)
     assert blk["attn"]["o"]["kernel"].shape == (keep, h, cfg.width)
-    assert blk["attn"]["k"]["kernel"].shape == (cfg.width, new_cfg.kv_heads, h)
+    assert blk["attn"]["k"]["kernel"].shape == (cfg.width, new_cfg.num_kv_heads, h)
   small = prune.build_pruned(None, new_cfg, new_params)
   args = (TOKENS, IMAGE) if vision else (TOKENS,)
   np.testing.assert_allclose(small(*args), zeroed(model, edits)(*args), rtol=1e-5, atol=1e-5)
@@ -388,8 +447,8 @@ def test_gradual_pruning_adamw_and_checkpoint(tmp_path):
         assert not np.any(b & ~a)
     prev = ml
   pruned = sum((~mk).sum() for name, mk in prev if is_kernel(name))
-  assert pruned == math.floor(0.7 * n)
-  assert prune.sparsity_report(params)["zeros"] == math.floor(0.7 * n)
+  assert pruned == round(0.7 * n)  # was floor: torch's round now
+  assert prune.sparsity_report(params)["zeros"] == round(0.7 * n)
   assert int(opt_state.count) == 20 and float(opt_state.sparsity) == np.float32(0.7)
 
   # the masks are part of opt_state: they survive the repo's Checkpointer

@@ -13,6 +13,8 @@ from flax import nnx
 
 import gptjax
 from gptjax.compress import quantize as Q
+from gptjax.train.state import TrainState
+from gptjax.train.step import make_train_step
 
 # qwix 0.1.8 uses Flax APIs that Flax 0.12 deprecates (thousands of warnings per run).
 pytestmark = [
@@ -167,7 +169,7 @@ def test_generate_with_quantized_model(ptq8, probe):
   prompt = probe["inputs"][:, :12]
   out = gptjax.generate.generate(ptq8, prompt, 3)
   assert out.shape == (B, 3)
-  expect = jnp.argmax(Q._jit_call(ptq8, {"inputs": prompt})[:, -1], axis=-1)
+  expect = jnp.argmax(Q.jit_forward(ptq8, {"inputs": prompt})[:, -1], axis=-1)
   np.testing.assert_array_equal(out[:, 0], expect)
 
 
@@ -241,7 +243,7 @@ def test_save_load_round_trip(tmp_path, gpt, ptq8, int4, probe):
     for k in la:
       assert la[k].dtype == lb[k].dtype, k
       np.testing.assert_array_equal(np.asarray(la[k], np.float32), np.asarray(lb[k], np.float32))
-    np.testing.assert_array_equal(Q._jit_call(restored, probe), Q._jit_call(q, probe))
+    np.testing.assert_array_equal(Q.jit_forward(restored, probe), Q.jit_forward(q, probe))
 
 
 def test_load_into_template_from_fresh_model(tmp_path, int4):
@@ -256,10 +258,7 @@ def test_load_into_template_from_fresh_model(tmp_path, int4):
 
 # ------------------------------------------------------------------------------ QAT
 def test_qat_trains_with_train_step_and_converts_to_int8(gpt, calib, ptq8_dyn):
-  from gptjax.train.state import TrainState
-  from gptjax.train.step import make_train_step
-
-  qat = Q.maybe_qat(gpt, {"enabled": True, "weight_qtype": "int8", "act_qtype": "int8"})
+  qat = Q.qat_model(gpt, weight_qtype="int8", act_qtype="int8")
   assert type(qat) is not type(gpt) and isinstance(qat, gptjax.GPT)
   tokens = _batch(5, t=T + 1)["inputs"]  # inputs (B, T): the shape already compiled
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
@@ -290,8 +289,8 @@ def test_qat_trains_with_train_step_and_converts_to_int8(gpt, calib, ptq8_dyn):
   q8 = Q.convert_qat_to_int8(state.params, ptq8_dyn)
   leaves = _leaves(q8)
   assert leaves["blocks/1/mlp/down/kernel/array/qvalue"].dtype == jnp.int8
-  fake = Q._jit_call(trained, batch)
-  real = Q._jit_call(q8, batch)
+  fake = Q.jit_forward(trained, batch)
+  real = Q.jit_forward(q8, batch)
   rel = float(jnp.linalg.norm(real - fake) / jnp.linalg.norm(fake))
   assert rel < 1e-2, rel
   # ... or from the QAT model itself (template built from its rules): the same int8 model.
@@ -299,16 +298,6 @@ def test_qat_trains_with_train_step_and_converts_to_int8(gpt, calib, ptq8_dyn):
   assert lb.keys() == leaves.keys()
   for k in lb:
     np.testing.assert_array_equal(np.asarray(lb[k], np.float32), np.asarray(leaves[k], np.float32))
-
-
-def test_maybe_qat_flag():
-  model = gptjax.GPT(CFG, rngs=_rngs(3))
-  assert Q.maybe_qat(model, False) is model
-  assert Q.maybe_qat(model, None) is model
-  assert Q.maybe_qat(model, {"enabled": False}) is model
-  assert type(Q.maybe_qat(model, True)) is not type(model)
-  with pytest.raises(ValueError, match="bogus"):
-    Q.maybe_qat(model, {"bogus": 1})
 
 
 # ------------------------------------------------------------------------------ errors
@@ -362,9 +351,9 @@ def test_quantize_embeddings_on_ptq_model(tmp_path, gpt, ptq8, probe):
   assert q.embed.table.qvalue[...].dtype == jnp.int8
   assert q.positions.table.qvalue[...].dtype == jnp.int8
   assert ptq8.embed.embedding[...].dtype == jnp.float32  # the input model is left as it was
-  ref = Q._jit_call(gpt, probe)
-  err8 = float(jnp.linalg.norm(Q._jit_call(ptq8, probe) - ref) / jnp.linalg.norm(ref))
-  err = float(jnp.linalg.norm(Q._jit_call(q, probe) - ref) / jnp.linalg.norm(ref))
+  ref = Q.jit_forward(gpt, probe)
+  err8 = float(jnp.linalg.norm(Q.jit_forward(ptq8, probe) - ref) / jnp.linalg.norm(ref))
+  err = float(jnp.linalg.norm(Q.jit_forward(q, probe) - ref) / jnp.linalg.norm(ref))
   # Measured: 2.7 % -> 3.3 %. Tables add their own small error on top of the int8 kernels.
   assert err < INT8_BOUND and err < err8 + 0.02, (err8, err)
   # Cached decoding goes through the int8 tables too.
@@ -384,7 +373,7 @@ def test_quantize_embeddings_on_ptq_model(tmp_path, gpt, ptq8, probe):
   assert raw["embed"]["table"]["qvalue"].dtype == np.int8
   assert raw["positions"]["table"]["qvalue"].shape == (CFG.max_seq_len, CFG.width)
   restored = Q.load_quantized(tmp_path / "b", q)
-  np.testing.assert_array_equal(Q._jit_call(restored, probe), Q._jit_call(q, probe))
+  np.testing.assert_array_equal(Q.jit_forward(restored, probe), Q.jit_forward(q, probe))
 
 
 def test_quantize_embeddings_rejects_other_models():

@@ -16,14 +16,16 @@ import pytest
 from _train_helpers import (assert_trees_close, compile_cache_dir, persistent_compile_cache,  # noqa: F401
                             shapes_data_dir, tiny_vlm_config, to_numpy, train_rows)
 from gptjax import sharding as shd
-from gptjax.checkpoint import (CheckpointCorruptError, Checkpointer, PreemptionWatcher)
-from gptjax.data.pipeline import global_batch
+from gptjax.train.checkpoint import CheckpointCorruptError, Checkpointer
+from gptjax.train.preemption import PreemptionWatcher
+from gptjax.batch import MODEL_KEYS, batch_shardings, global_batch
 from gptjax.data.tokenizer import ByteTokenizer
 from gptjax.train.config import base_config, model_section, validate
-from gptjax.train.loop import batch_shardings, load_split, pipeline_for, run
+from gptjax.train.data import load_split, pipeline_for
+from gptjax.train.loop import run
 from gptjax.train.optim import make_optimizer
 from gptjax.train.state import abstract_train_state, create_train_state
-from gptjax.train.step import MODEL_KEYS, jit_train_step, make_eval_step, make_train_step
+from gptjax.train.step import jit_train_step, make_eval_step, make_train_step
 
 
 @pytest.fixture(scope="module", autouse=True)

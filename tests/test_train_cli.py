@@ -40,7 +40,7 @@ def run_train(cmd, env, timeout=300) -> subprocess.CompletedProcess:
 
 
 def checkpoint_steps(workdir) -> list[int]:
-  from gptjax.checkpoint import Checkpointer
+  from gptjax.train.checkpoint import Checkpointer
   with Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1000) as ckpt:
     return ckpt.all_steps()
 

@@ -17,9 +17,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gptjax import sharding as shd
+from gptjax.batch import forward, token_losses
+from gptjax.compress import hooks as compress_hooks
 from gptjax.config import ModelConfig
 from gptjax.layers.linear import Dense
-from gptjax.train.step import forward, token_losses
+from gptjax.model import from_config
+from gptjax.train import config as train_config
+from gptjax.train.hooks import RunHooks
+from gptjax.train.loop import run
 
 
 def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float = 2.0,
@@ -109,12 +115,17 @@ def make_distill_loss(teacher_graphdef, teacher_rest, *, alpha: float = 0.5,
 
 def student_model_fn(teacher_width: Optional[int]):
   """``model_fn`` building the ``Student`` wrapper (what distillation checkpoints hold)."""
-  from gptjax.train.state import make_model
 
   def model_fn(cfg, seed):
-    return Student(make_model(cfg, seed), teacher_width, rngs=nnx.Rngs(seed + 7))
+    return Student(from_config(cfg, seed), teacher_width, rngs=nnx.Rngs(seed + 7))
 
   return model_fn
+
+
+def student_hooks(teacher_width: Optional[int] = None) -> RunHooks:
+  """The hooks a distillation workdir was trained with, to load its student back:
+  ``gptjax.load_model(workdir, hooks=student_hooks(teacher_width))``."""
+  return RunHooks(model_fn=student_model_fn(teacher_width), eval_model=lambda m: m.model)
 
 
 def distill(c, workdir: str, teacher: nnx.Module, *, alpha: float = 0.5,
@@ -127,23 +138,19 @@ def distill(c, workdir: str, teacher: nnx.Module, *, alpha: float = 0.5,
   ``init_params`` (the student's own params) starts from a given student, e.g. a pruned
   one; ``wrap_tx`` wraps the optimizer (e.g. ``prune.gradual_pruning``).
   """
-  # Imported here: the training loop imports the compression package's users, not vice versa.
-  from gptjax import sharding as shd
-  from gptjax.train.config import validate
-  from gptjax.train.loop import RunHooks, run
-
-  student_cfg = validate(c)
+  student_cfg = train_config.validate(c)
+  compress_hooks.validate(c)
   check_compatible(teacher.config, student_cfg)
   t_graphdef, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
   mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
   t_shardings = shd.state_shardings(t_params, mesh)
   t_params = jax.device_put(t_params, t_shardings)
   teacher_width = teacher.config.width if hidden_weight else None
-  hooks = RunHooks(model_fn=student_model_fn(teacher_width), eval_model=lambda m: m.model,
-                   init_params=None if init_params is None else nnx.State({"model": init_params}),
-                   wrap_tx=wrap_tx,
-                   loss_fn=make_distill_loss(t_graphdef, t_rest, alpha=alpha,
-                                             temperature=temperature,
-                                             hidden_weight=hidden_weight),
-                   aux=t_params, aux_shardings=t_shardings)
-  return run(c, workdir, hooks)
+  hooks = student_hooks(teacher_width).replace(
+      init_params=None if init_params is None else nnx.State({"model": init_params}),
+      wrap_tx=wrap_tx,
+      loss_fn=make_distill_loss(t_graphdef, t_rest, alpha=alpha, temperature=temperature,
+                                hidden_weight=hidden_weight),
+      aux=t_params, aux_shardings=t_shardings)
+  # What the student's config enables (e.g. gradual pruning in the recipe's fine-tune).
+  return run(c, workdir, compress_hooks.hooks_for(c, hooks))

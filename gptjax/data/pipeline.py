@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from gptjax.data.tokenizer import ByteTokenizer
+from gptjax.layers.attention import PAD_SEGMENT
 
 CAPTION_PROMPT = "caption:"
 
@@ -85,7 +86,6 @@ class TaskSource:
     return f"TaskSource({self.name}, records={len(self.source)}, tasks={self.tasks})"
 
 
-PAD_SEGMENT = -1  # = gptjax.layers.attention.PAD_SEGMENT (kept import-light here)
 
 
 def _task_tokens(ex: Example, tok: ByteTokenizer, prompt_len: int, target_len: int):
@@ -224,9 +224,3 @@ def make_pipeline(source, *, task: str, batch_size: int, seed: int = 0, shuffle:
   ds = ds[pi::pc]
   ds = ds.batch(batch_size // pc, drop_remainder=drop_remainder)
   return Pipeline(ds, iter(ds.to_iter_dataset()), num_examples)
-
-
-def global_batch(local: dict, shardings: dict) -> dict:
-  """Per-process numpy batch -> global ``jax.Array``s laid out by ``shardings`` (per key)."""
-  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
-          for k, v in local.items() if k in shardings}

@@ -17,6 +17,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from gptjax.data.builders.shapes.shapes import vocabulary as shapes_vocabulary
+
 NUM_BYTES = 256
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<sep>")
 
@@ -136,7 +138,6 @@ def make_tokenizer(name: str = "byte") -> ByteTokenizer:
   if name == "byte":
     return ByteTokenizer()
   if name == "shapes":
-    from gptjax.data.builders.shapes.shapes import vocabulary
-    return WordTokenizer(vocabulary())
+    return WordTokenizer(shapes_vocabulary())
   raise ValueError(f"tokenizer {name!r} is invalid: allowed values are "
                    f"{', '.join(map(repr, TOKENIZERS))}")

@@ -29,10 +29,12 @@ class Embed(nnx.Module):
 
 
 class LearnedPositions(nnx.Module):
+  """Position table (S_max, D). Its first axis is named ``'position'`` (replicated, see
+  ``gptjax.sharding``) so pruning can tell it from a kernel by its axes."""
 
   def __init__(self, max_len: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
     init = jax.nn.initializers.normal(EMBED_INIT_STD)
-    self.table = param(rngs, init, (max_len, dim), (None, "embed"), param_dtype)
+    self.table = param(rngs, init, (max_len, dim), ("position", "embed"), param_dtype)
     self.dtype = dtype
 
   def __call__(self, positions: jax.Array) -> jax.Array:

@@ -1,10 +1,10 @@
 """Parameters with logical axis names, and an einsum dense layer.
 
 Every parameter is an ``nnx.Param`` carrying ``logical_axes`` metadata (one name per
-dimension, see DESIGN.md). We deliberately do not use Flax's ``out_sharding`` metadata:
-with NNX eager sharding it would try to place the array on a mesh at construction time,
-whereas we want the model to be mesh-agnostic and let ``gptjax.sharding`` map logical
-names to mesh axes in one rule table (MaxText style).
+dimension: ``embed``, ``heads``, ``head_dim``, ``mlp``, ``vocab`` ...). We deliberately do
+not use Flax's ``out_sharding`` metadata: with NNX eager sharding it would try to place the
+array on a mesh at construction time, whereas we want the model to be mesh-agnostic and let
+``gptjax.sharding`` map logical names to mesh axes in one rule table (MaxText style).
 """
 from __future__ import annotations
 

@@ -7,13 +7,19 @@ it instead of silently doing nothing. ``validate`` checks values once before tra
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 from typing import Optional
 
 import ml_collections
 
 from gptjax.config import ModelConfig, VisionConfig, preset
+from gptjax.data.tokenizer import TOKENIZERS, make_tokenizer
 
 TASKS = ("vqa", "lm")
+# 2: model.max_seq_len counts text tokens only (before: image + text), model.head_dim
+# (before: head_size).
+CONFIG_VERSION = 2
 
 
 def model_section(name: str, **overrides) -> ml_collections.ConfigDict:
@@ -43,6 +49,7 @@ def shapes_kwargs(**kw) -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
+  """The training sections, locked (``gptjax.runs.base_config`` adds compression's)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = model_section("tiny")
@@ -75,11 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
       samples_to_print=6,
       at_end=True))  # final eval + test-split metrics, samples.png
   c.logging = ml_collections.ConfigDict(dict(tensorboard=True, plot=True, progress=True))
-  # Compression during training (gptjax/compress/training.py): quantization-aware training
-  # and gradual pruning, each off unless enabled.
-  from gptjax.compress.training import prune_section, qat_section
-  c.qat = qat_section()
-  c.prune = prune_section()
+  # Layout of this schema; runs saved without it (or with an older one) are migrated when
+  # their config.json is loaded (``gptjax.train.load.load_run_config``).
+  c.version = CONFIG_VERSION
   c.lock()
   return c
 
@@ -94,17 +99,17 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
   return ModelConfig(**d, vision=vision)
 
 
-def _fail(key: str, value, allowed: str):
+def fail(key: str, value, allowed: str):
+  """The one error format for a bad config value (every section, every layer uses it)."""
   raise ValueError(f"config.{key}={value!r} is invalid: {allowed}")
 
 
 def tokenizer_for(c: ml_collections.ConfigDict):
   """The tokenizer a training config names (``data.tokenizer``; runs saved before the key
   existed used bytes). Use it to encode prompts for a model loaded from a workdir."""
-  from gptjax.data.tokenizer import TOKENIZERS, make_tokenizer
   name = c.data.get("tokenizer", "byte")
   if name not in TOKENIZERS:
-    _fail("data.tokenizer", name, f"allowed values are {TOKENIZERS}")
+    fail("data.tokenizer", name, f"allowed values are {TOKENIZERS}")
   return make_tokenizer(name)
 
 
@@ -113,41 +118,42 @@ def validate(c: ml_collections.ConfigDict) -> ModelConfig:
   m = model_config(c)
   tok = tokenizer_for(c)
   if m.vocab_size < tok.vocab_size:
-    _fail("model.vocab_size", m.vocab_size,
+    fail("model.vocab_size", m.vocab_size,
           f"must be >= the {c.data.get('tokenizer', 'byte')!r} tokenizer's vocab_size={tok.vocab_size} "
           "(its tokens would index past the embedding table)")
   if c.data.task not in TASKS:
-    _fail("data.task", c.data.task, f"allowed values are {TASKS}")
+    fail("data.task", c.data.task, f"allowed values are {TASKS}")
   for key in ("train.steps", "train.batch_size", "optim.accum_steps", "train.log_every",
               "checkpoint.every", "checkpoint.keep", "eval.batch_size", "eval.max_batches"):
     sec, name = key.split(".")
     v = c[sec][name]
     if not isinstance(v, int) or v <= 0:
-      _fail(key, v, "must be a positive integer")
+      fail(key, v, "must be a positive integer")
   if c.train.batch_size % c.optim.accum_steps:
-    _fail("train.batch_size", c.train.batch_size,
+    fail("train.batch_size", c.train.batch_size,
           f"must be divisible by optim.accum_steps={c.optim.accum_steps}")
   if not c.optim.lr > 0:
-    _fail("optim.lr", c.optim.lr, "must be > 0")
+    fail("optim.lr", c.optim.lr, "must be > 0")
   if c.data.pack:
     if c.data.task != "vqa":
-      _fail("data.pack", True, "packing applies to data.task='vqa' ('lm' windows are already full)")
+      fail("data.pack", True, "packing applies to data.task='vqa' ('lm' windows are already full)")
     if m.attention != "softmax":
-      _fail("data.pack", True, "packing needs model.attention='softmax' (linear attention keeps "
+      fail("data.pack", True, "packing needs model.attention='softmax' (linear attention keeps "
             "one running state per row and cannot isolate packed segments)")
   if c.data.task == "vqa":
     if m.vision is None and c.data.name == "shapes":
-      _fail("model.vision", None, "the 'shapes' data are images: set config.model.vision")
-    text = c.data.prompt_len + c.data.target_len - 1
-    if m.num_image_tokens + text > m.max_seq_len:
-      _fail("model.max_seq_len", m.max_seq_len,
-            f"must be >= image tokens ({m.num_image_tokens}) + data.prompt_len + "
-            f"data.target_len - 1 ({text})")
+      fail("model.vision", None, "the 'shapes' data are images: set config.model.vision")
+    rows = {"data.prompt_len + data.target_len - 1": c.data.prompt_len + c.data.target_len - 1}
+    if c.data.pack:
+      rows["data.packed_len"] = c.data.packed_len
+    what, text = max(rows.items(), key=lambda kv: kv[1])
+    if text > m.max_seq_len:
+      fail("model.max_seq_len", m.max_seq_len,
+           f"must be >= the text tokens of a row, {what} ({text}); image tokens "
+           f"({m.num_image_tokens}) come on top")
   else:
     if c.data.seq_len > m.max_seq_len:
-      _fail("data.seq_len", c.data.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
-  from gptjax.compress import training
-  training.validate(c)
+      fail("data.seq_len", c.data.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
   return m
 
 
@@ -157,8 +163,6 @@ def eval_every(c) -> Optional[int]:
 
 def load_config_file(path: str, *args) -> ml_collections.ConfigDict:
   """``get_config(*args)`` of a ``configs/*.py`` file, e.g. for composing configs."""
-  import importlib.util
-  import os
   spec = importlib.util.spec_from_file_location(
       f"gptjax_config_{os.path.splitext(os.path.basename(path))[0]}", path)
   if spec is None or spec.loader is None:

@@ -1,5 +1,10 @@
 """Evaluation: loss / perplexity over a split, and greedy-decoded caption exact-match and
-VQA answer accuracy (the answer string must equal the reference exactly)."""
+VQA answer accuracy (the answer string must equal the reference exactly).
+
+``evaluate(model, config, split)`` is the one entry point: the trainer (periodic and final
+eval), the compression recipe (every stage) and the benchmarks call it, so every number
+called "test loss" or "VQA accuracy" is measured the same way.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -10,10 +15,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gptjax.data.pipeline import global_batch
+from gptjax import sharding as shd
+from gptjax.batch import batch_shardings, global_batch, image_to_float, loss_sums, model_batch
 from gptjax.data.tokenizer import ByteTokenizer
 from gptjax.generate import generate
-from gptjax.train.step import image_to_float
+from gptjax.train.config import tokenizer_for
+from gptjax.train.data import load_split, pipeline_for
 
 
 def _local_rows(x: jax.Array, sharding) -> np.ndarray:
@@ -43,6 +50,42 @@ def eval_loss(eval_step: Callable, params, batches: Iterable[dict], shardings: d
     total, count = total + float(t), count + float(c)
   loss = total / max(count, 1.0)
   return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+@nnx.jit
+def _loss_sums(model, batch):
+  return loss_sums(model, model_batch(batch))
+
+
+def evaluate(model: nnx.Module, c, split: str, *, mesh=None, source=None,
+             decode_examples: Optional[int] = None,
+             max_batches: Optional[int] = None) -> tuple[dict, list["Sample"]]:
+  """Metrics of ``model`` (a GPT or VLM, in eval mode) on ``split`` of config ``c``'s data.
+
+  Loss and perplexity over up to ``max_batches`` (default ``eval.max_batches``) batches of
+  ``eval.batch_size``; for vqa data also greedy-decoded caption exact match and VQA accuracy
+  over ``decode_examples`` (default ``eval.decode_examples``) rows. ``mesh``: where the
+  model's arrays live (default: the first device); ``source``: an already opened split.
+  Returns (metrics, decoded samples).
+  """
+  mesh = mesh if mesh is not None else shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  shardings = batch_shardings(mesh)
+  src = source if source is not None else load_split(c, split)
+  bs = c.eval.batch_size
+  max_batches = c.eval.max_batches if max_batches is None else max_batches
+  decode_examples = c.eval.decode_examples if decode_examples is None else decode_examples
+  model.eval()
+  out = eval_loss(lambda _, b: _loss_sums(model, b), None,
+                  pipeline_for(c, src, train=False, batch_size=bs), shardings,
+                  max_batches=max_batches)
+  samples: list[Sample] = []
+  if c.data.task == "vqa" and decode_examples > 0:
+    acc, samples = decode_accuracy(
+        model, pipeline_for(c, src, train=False, batch_size=bs), shardings,
+        max_new_tokens=c.data.target_len, max_examples=decode_examples,
+        tokenizer=tokenizer_for(c))
+    out.update(acc)
+  return out, samples
 
 
 @dataclasses.dataclass

@@ -14,7 +14,12 @@ import ml_collections
 from flax import nnx
 
 from gptjax import sharding as shd
-from gptjax.checkpoint import Checkpointer
+from gptjax.config import VisionConfig
+from gptjax.train.checkpoint import Checkpointer
+from gptjax.train.config import CONFIG_VERSION, validate
+from gptjax.train.hooks import RunHooks
+from gptjax.train.optim import make_optimizer
+from gptjax.train.state import abstract_train_state, create_train_state
 
 CONFIG_FILE = "config.json"
 
@@ -25,41 +30,51 @@ def save_run_config(c: ml_collections.ConfigDict, logdir: str) -> None:
       f.write(c.to_json_best_effort(indent=2, sort_keys=True))
 
 
+def _migrate(d: dict) -> dict:
+  """A saved config dict in today's layout (``CONFIG_VERSION``)."""
+  version = d.get("version", 1)
+  if version < 2 and d.get("model") is not None:
+    m = d["model"]
+    if "head_size" in m:
+      m["head_dim"] = m.pop("head_size")
+    # Version 1 counted image tokens in max_seq_len; today it bounds the text alone.
+    if m.get("vision") is not None:
+      v = dict(m["vision"])
+      v["cnn_channels"] = tuple(v["cnn_channels"])
+      m["max_seq_len"] -= VisionConfig(**v).num_tokens
+  d["version"] = CONFIG_VERSION
+  return d
+
+
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The training config a workdir was trained with (older layouts migrated), locked."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a gptjax training workdir?")
   with open(path) as f:
-    c = ml_collections.ConfigDict(json.load(f))
+    c = ml_collections.ConfigDict(_migrate(json.load(f)))
   c.lock()
   return c
 
 
 def load_model(workdir: str, *, config: Optional[ml_collections.ConfigDict] = None,
-               step: Optional[int] = None, model_fn=None, select=None,
-               wrap_tx=None) -> nnx.Module:
+               step: Optional[int] = None, hooks: Optional[RunHooks] = None) -> nnx.Module:
   """Rebuild the model of a training workdir and restore its latest (or ``step``) params.
 
-  ``model_fn`` / ``wrap_tx``: as the run was trained (e.g. a distillation ``Student``
-  wrapper, a pruning optimizer — the optimizer state must match to restore);
-  ``select(module)`` then picks the model out of the wrapper. What the run's config enabled
-  (``qat``: the QAT model; ``prune``: the gradual-pruning optimizer state) is rebuilt from
-  the config on top of these.
+  ``hooks``: as the run was trained (e.g. a distillation ``Student`` wrapper as
+  ``model_fn``, a pruning optimizer as ``wrap_tx`` — the optimizer state must match to
+  restore); ``hooks.eval_model(module)`` then picks the model out of the wrapper.
+  ``gptjax.load_model`` adds what the run's config enabled (QAT, gradual pruning).
   """
-  from gptjax.compress import training
-  from gptjax.train.config import validate
-  from gptjax.train.optim import make_optimizer
-  from gptjax.train.state import abstract_train_state, create_train_state
-
   c = config or load_run_config(workdir)
+  hooks = hooks or RunHooks()
   mcfg = validate(c)
   mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   tx = make_optimizer(c)
-  wrap_tx = training.wrap_tx_for(c, wrap_tx)
-  if wrap_tx is not None:
-    tx = wrap_tx(tx)
-  graphdef, rest, state, shardings = create_train_state(
-      mcfg, tx, mesh, c.seed, model_fn=training.model_fn_for(c, model_fn))
+  if hooks.wrap_tx is not None:
+    tx = hooks.wrap_tx(tx)
+  graphdef, rest, state, shardings = create_train_state(mcfg, tx, mesh, c.seed,
+                                                        model_fn=hooks.model_fn)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.every)
   try:
     state = ckpt.restore(abstract_train_state(state, shardings), step=step)
@@ -67,4 +82,4 @@ def load_model(workdir: str, *, config: Optional[ml_collections.ConfigDict] = No
     ckpt.close()
   module = nnx.merge(graphdef, state.params, rest)
   module.eval()
-  return select(module) if select is not None else module
+  return hooks.eval_model(module)

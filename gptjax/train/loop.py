@@ -2,57 +2,30 @@
 checkpoints (resume / preemption), periodic eval, logs and plots."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import jax
 import numpy as np
 from flax import nnx
 
 from gptjax import sharding as shd
-from gptjax.checkpoint import Checkpointer, PreemptionWatcher
-from gptjax.compress import training as compress_training
-from gptjax.data.datasets import load_source
-from gptjax.data.pipeline import global_batch, make_pipeline
+from gptjax.batch import MODEL_KEYS, batch_shardings, global_batch
 from gptjax.train import evaluate as ev
-from gptjax.train.config import eval_every, tokenizer_for, validate
+from gptjax.train.checkpoint import Checkpointer
+from gptjax.train.config import eval_every, validate
+from gptjax.train.data import load_split, pipeline_for
+from gptjax.train.hooks import RunHooks
 from gptjax.train.load import save_run_config
 from gptjax.train.metrics import MetricsLogger, plot_losses
 from gptjax.train.optim import make_optimizer, schedule
+from gptjax.train.preemption import PreemptionWatcher
 from gptjax.train.state import abstract_train_state, create_train_state
-from gptjax.train.step import MODEL_KEYS, jit_train_step, make_eval_step, make_train_step
+from gptjax.train.step import jit_train_step, make_train_step
 
 log = logging.getLogger("gptjax")
-
-
-def load_split(c, split: str):
-  d = c.data
-  kwargs = dict(d.builder_kwargs.to_dict()) if d.builder_kwargs else {}
-  if d.name == "text_files":
-    if not d.paths:
-      raise ValueError("config.data.paths is empty: data.name='text_files' needs files, globs "
-                       "or directories (e.g. --config.data.paths='(\"notes/*.txt\",)')")
-    kwargs["paths"] = list(d.paths)
-  return load_source(d.name, split, data_dir=d.data_dir, **kwargs)
-
-
-def pipeline_for(c, source, *, train: bool, batch_size: int, seed_offset: int = 0):
-  d = c.data
-  return make_pipeline(
-      source, task=d.task, batch_size=batch_size, seed=c.seed + seed_offset, shuffle=train,
-      repeat=train, prompt_len=d.prompt_len, target_len=d.target_len, seq_len=d.seq_len,
-      text_key=d.text_key, name=f"{d.name}", drop_remainder=True,
-      pack=bool(d.pack) and train, packed_len=d.packed_len,
-      tokenizer=tokenizer_for(c))
-
-
-def batch_shardings(mesh) -> dict:
-  s = shd.batch_sharding(mesh)
-  return {k: s for k in ("inputs", "targets", "loss_mask", "image", "prompt", "is_caption",
-                         "segment_ids", "positions")}
 
 
 class _Progress:
@@ -81,25 +54,6 @@ class _Progress:
       self.bar.close()
 
 
-@dataclasses.dataclass
-class RunHooks:
-  """How another trainer (distillation, pruning fine-tune) reuses ``run``.
-
-  ``model_fn(cfg, seed)``: the module to train (default GPT/VLM). ``eval_model(module)``:
-  the GPT/VLM inside it to evaluate and sample from. ``loss_fn(module, batch, aux)`` and
-  ``aux`` (+ ``aux_shardings``): the step's loss and its extra argument (e.g. a frozen
-  teacher's params). ``wrap_tx(tx)``: wrap the optimizer (e.g. gradual pruning).
-  ``init_params``: start from these parameters instead of a random init.
-  """
-  model_fn: Optional[Callable] = None
-  eval_model: Callable = lambda m: m
-  loss_fn: Optional[Callable] = None
-  aux: Any = None
-  aux_shardings: Any = None
-  wrap_tx: Optional[Callable] = None
-  init_params: Any = None
-
-
 def resolve_dirs(workdir: str) -> tuple[str, str]:
   """(checkpoint workdir, local log dir). A remote workdir (``gs://...``, what Cloud TPU
   runs use) holds the checkpoints (Orbax writes there directly); metrics, TensorBoard
@@ -115,6 +69,10 @@ def resolve_dirs(workdir: str) -> tuple[str, str]:
 
 def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
   """Train to ``c.train.steps`` (resuming from ``workdir`` if it has a checkpoint).
+
+  ``hooks`` change what is trained (``RunHooks``); compression switched on in the config
+  (``config.qat`` / ``config.prune``) reaches here only through them — ``gptjax.runs.train``
+  composes those from the config.
 
   Returns a summary dict: final step, last train loss, final eval/test metrics,
   ``preempted`` (True if SIGTERM stopped the run after saving).
@@ -133,12 +91,10 @@ def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
   train_data = pipeline_for(c, train_src, train=True, batch_size=c.train.batch_size)
   hooks = hooks or RunHooks()
   tx = make_optimizer(c)
-  wrap_tx = compress_training.wrap_tx_for(c, hooks.wrap_tx)  # + gradual pruning if enabled
-  if wrap_tx is not None:
-    tx = wrap_tx(tx)
+  if hooks.wrap_tx is not None:
+    tx = hooks.wrap_tx(tx)
   graphdef, rest, state, state_sh = create_train_state(
-      mcfg, tx, mesh, c.seed, model_fn=compress_training.model_fn_for(c, hooks.model_fn),
-      init_params=hooks.init_params)
+      mcfg, tx, mesh, c.seed, model_fn=hooks.model_fn, init_params=hooks.init_params)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.every,
                       keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
   if ckpt.latest_step() is not None:
@@ -154,7 +110,6 @@ def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
       make_train_step(graphdef, rest, tx, accum_steps=c.optim.accum_steps, loss_fn=hooks.loss_fn),
       state_sh, train_shardings, mesh, aux_shardings=hooks.aux_shardings)
   step_args = () if hooks.aux_shardings is None else (hooks.aux,)
-  eval_step = jax.jit(make_eval_step(graphdef, rest, hooks.eval_model))
   lr_at = schedule(c)
   logger = MetricsLogger(logdir, tensorboard=c.logging.tensorboard)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
@@ -165,24 +120,11 @@ def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
 
   sources = {}  # split -> source: opened once, not at every eval
 
-  def evaluate(split: str, decode_examples: int) -> tuple[dict, list]:
+  def evaluate(split: str) -> tuple[dict, list]:
     if split not in sources:
       sources[split] = load_split(c, split)
-    src = sources[split]
-    bs = c.eval.batch_size
     model = hooks.eval_model(nnx.merge(graphdef, state.params, rest))
-    model.eval()
-    out = ev.eval_loss(eval_step, state.params,
-                       pipeline_for(c, src, train=False, batch_size=bs), shardings,
-                       max_batches=c.eval.max_batches)
-    samples = []
-    if c.data.task == "vqa" and decode_examples > 0:
-      acc, samples = ev.decode_accuracy(
-          model, pipeline_for(c, src, train=False, batch_size=bs), shardings,
-          max_new_tokens=c.data.target_len, max_examples=decode_examples,
-          tokenizer=tokenizer_for(c))
-      out.update(acc)
-    return out, samples
+    return ev.evaluate(model, c, split, mesh=mesh, source=sources[split])
 
   watcher = PreemptionWatcher()
   summary: dict = {"preempted": False}
@@ -213,7 +155,7 @@ def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
             "step": f"{dt * 1e3:.0f}ms"})
       every = eval_every(c)
       if every and step % every == 0 and step < c.train.steps:
-        out, _ = evaluate(c.data.eval_split, c.eval.decode_examples)
+        out, _ = evaluate(c.data.eval_split)
         logger.write(step, "eval", out)
         progress.write(f"step {step}: eval " + _fmt(out))
         last_log_time = time.perf_counter()  # keep eval time out of the step-time figure
@@ -234,7 +176,7 @@ def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
       if not split or not c.eval.at_end:
         continue
       try:
-        out, samples = evaluate(split, c.eval.decode_examples)
+        out, samples = evaluate(split)
       except ValueError as e:  # e.g. text_files has no test split
         progress.write(f"skipping {key} on split {split!r}: {e}")
         continue

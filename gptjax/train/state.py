@@ -11,7 +11,7 @@ from flax import nnx
 
 from gptjax import sharding as shd
 from gptjax.config import ModelConfig
-from gptjax.model import GPT, VLM
+from gptjax.model import from_config
 
 
 @flax.struct.dataclass
@@ -26,11 +26,6 @@ class TrainState:
   rng: jax.Array  # uint32[2]
 
 
-def make_model(cfg: ModelConfig, seed: int = 0) -> nnx.Module:
-  rngs = nnx.Rngs(params=seed, dropout=seed + 1)
-  return (VLM if cfg.vision is not None else GPT)(cfg, rngs=rngs)
-
-
 def create_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, seed: int, *,
                        model_fn: Optional[Callable[[ModelConfig, int], nnx.Module]] = None,
                        init_params: Optional[nnx.State] = None):
@@ -43,7 +38,7 @@ def create_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh,
   Returns (graphdef, rest, state, state_shardings); ``rest`` is the non-parameter model
   state (dropout RNG streams, reseeded every step, so never checkpointed).
   """
-  model_fn = model_fn or make_model
+  model_fn = model_fn or from_config
 
   def init(start_params):
     model = model_fn(cfg, seed)

@@ -1,9 +1,6 @@
 """Pure train / eval steps: functions of (state, batch) only, jitted with explicit shardings.
 
-Batch keys: ``inputs`` (B, T) int32, ``targets`` (B, T) int32, ``loss_mask`` (B, T) float32,
-optional ``image`` (B, H, W, C) uint8 (4x cheaper to move to the device than float32;
-scaled to [0, 1] inside the step), optional ``segment_ids`` / ``positions`` (B, T) int32
-for padded or packed rows.
+The batch layout (keys, the model call, the loss) is ``gptjax.batch``'s.
 """
 from __future__ import annotations
 
@@ -14,35 +11,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from gptjax.batch import loss_sums, model_batch
 from gptjax.train.state import TrainState
-
-MODEL_KEYS = ("inputs", "targets", "loss_mask", "image", "segment_ids", "positions")
-
-
-def image_to_float(image: jax.Array) -> jax.Array:
-  if jnp.issubdtype(image.dtype, jnp.integer):
-    return image.astype(jnp.float32) / 255.0
-  return image
-
-
-def forward(model: nnx.Module, batch: dict, *, return_hidden: bool = False):
-  """Text logits (B, T, V) float32 for a GPT or VLM (with the batch's image if present,
-  and its segment ids / positions for padded or packed rows)."""
-  kw = {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
-  if "image" in batch:
-    kw["image"] = image_to_float(batch["image"])
-  return model(batch["inputs"], return_hidden=return_hidden, **kw)
-
-
-def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-
-
-def loss_sums(model, batch) -> tuple[jax.Array, jax.Array]:
-  """(sum of masked token cross-entropies, number of masked tokens)."""
-  mask = batch["loss_mask"].astype(jnp.float32)
-  return jnp.sum(token_losses(forward(model, batch), batch["targets"]) * mask), jnp.sum(mask)
-
 
 def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, accum_steps: int = 1,
                     loss_fn: Callable | None = None):
@@ -71,7 +41,7 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, accum_s
 
   def train_step(state: TrainState, batch: dict, aux=None):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    batch = {k: v for k, v in batch.items() if k in MODEL_KEYS}
+    batch = model_batch(batch)
     if accum_steps == 1:
       total, count, grads = sum_and_grad(state.params, batch, key, aux)
     else:
@@ -104,7 +74,7 @@ def make_eval_step(graphdef, rest, select: Callable = lambda m: m):
   def eval_step(params, batch):
     model = select(nnx.merge(graphdef, params, rest))
     model.eval()
-    batch = {k: v for k, v in batch.items() if k in MODEL_KEYS}
+    batch = model_batch(batch)
     return loss_sums(model, batch)
 
   return eval_step

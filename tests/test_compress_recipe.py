@@ -1,4 +1,4 @@
-"""The teacher -> student -> pruned -> int8 pipeline end to end, at toy scale: every stage
+"""The teacher -> student -> pruned -> int8 recipe end to end, at toy scale: every stage
 runs, resumes, and the report's measured sizes shrink the way each stage says."""
 import os
 import re
@@ -7,19 +7,20 @@ import ml_collections
 import numpy as np
 import pytest
 
-from gptjax.compress.pipeline import run_pipeline
-from gptjax.train.config import base_config, model_section, shapes_kwargs, vision_section
+from gptjax.compress.recipe import recipe_config, run_recipe
+from gptjax.runs import base_config
+from gptjax.train.config import model_section, shapes_kwargs, vision_section
 
 
 def _train_config(data_dir, *, width, mlp, steps):
   c = base_config()
-  c.model = model_section("tiny", max_seq_len=128, width=width, num_heads=4, num_kv_heads=None,
+  c.model = model_section("tiny", max_seq_len=112, width=width, num_heads=4, num_kv_heads=None,
                           mlp_dim=mlp, vision=vision_section(kind="cnn", image_size=16,
                                                              cnn_channels=(8, 16), width=16))
   c.data.data_dir = str(data_dir)
   c.data.builder_kwargs = shapes_kwargs(image_size=16, train_size=128, validation_size=32,
                                         test_size=32)
-  c.data.pack = True
+  c.data.pack, c.data.packed_len = True, 112  # + 16 image tokens: 128 positions
   c.train.steps, c.train.batch_size, c.train.log_every = steps, 8, 5
   c.optim.warmup_steps = 2
   c.checkpoint.every = 1000
@@ -37,46 +38,50 @@ def _saved_arrays(directory) -> dict:
           for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _pipeline_config(data_dir):
-  c = ml_collections.ConfigDict()
-  c.teacher = _train_config(data_dir, width=64, mlp=256, steps=6)
-  c.student = _train_config(data_dir, width=32, mlp=64, steps=4)
-  c.distill = ml_collections.ConfigDict(dict(alpha=0.5, temperature=2.0, hidden_weight=0.0))
-  c.prune = ml_collections.ConfigDict(dict(mlp_keep_fraction=0.5, heads_keep=0, sparsity=0.5,
-                                            finetune_steps=4))
-  c.quantize = ml_collections.ConfigDict(dict(method="int8", calibration_batches=1))
-  c.report = ml_collections.ConfigDict(dict(decode_examples=16, speed_batch=2, speed_new_tokens=4))
+def _recipe_config(data_dir):
+  c = recipe_config(_train_config(data_dir, width=64, mlp=256, steps=6),
+                    _train_config(data_dir, width=32, mlp=64, steps=4))
+  c.distill.update(dict(alpha=0.5, temperature=2.0, hidden_weight=0.0))
+  c.pruned.update(dict(mlp_keep_fraction=0.5, heads_keep=0, sparsity=0.5, finetune_steps=4))
+  c.int8.calibration_batches = 1
+  c.report.update(dict(decode_examples=16, speed_batch=2, speed_new_tokens=4))
   return c
 
 
+def test_recipe_config_is_locked():
+  c = _recipe_config("unused")
+  with pytest.raises(AttributeError, match="sparsityy"):
+    c.pruned.sparsityy = 0.5
+
+
 @pytest.mark.parametrize("key,value,shown", [
-    ("prune.mlp_keep_fraction", 0.0, "(0, 1]"),
-    ("prune.sparsity", 1.0, "[0, 1)"),
-    ("prune.finetune_steps", 0, "positive integer"),
-    ("quantize.method", "int4", "('int8',)"),
+    ("pruned.mlp_keep_fraction", 0.0, "(0, 1]"),
+    ("pruned.sparsity", 1.0, "[0, 1)"),
+    ("pruned.finetune_steps", 0, "positive integer"),
+    ("int8.calibration_batches", 0, "positive integer"),
     ("distill.alpha", 1.5, "[0, 1]"),
     ("distill.temperature", 0.0, "> 0"),
     ("report.speed_batch", 0, "positive integer"),
     ("student.model.vocab_size", 300, "vocab_size"),  # the student no longer shares it
 ])
-def test_bad_pipeline_config_fails_before_training(tmp_path, key, value, shown):
-  c = _pipeline_config(tmp_path / "data")
+def test_bad_recipe_config_fails_before_training(tmp_path, key, value, shown):
+  c = _recipe_config(tmp_path / "data")
   *sections, name = key.split(".")
   node = c
   for sec in sections:
     node = node[sec]
   node[name] = value
   with pytest.raises(ValueError, match=re.escape(shown)) as info:
-    run_pipeline(c, str(tmp_path / "run"))
+    run_recipe(c, str(tmp_path / "run"))
   if not key.startswith("student."):
     assert f"config.{key}={value!r}" in str(info.value)
   assert not os.path.exists(tmp_path / "run" / "teacher")  # nothing was trained
 
 
 @pytest.mark.slow
-def test_pipeline_report(tmp_path):
-  c = _pipeline_config(tmp_path / "data")
-  results = run_pipeline(c, str(tmp_path / "run"))
+def test_recipe_report(tmp_path):
+  c = _recipe_config(tmp_path / "data")
+  results = run_recipe(c, str(tmp_path / "run"))
   by = {r.stage: r for r in results}
   assert list(by) == ["teacher", "student", "pruned", "int8"]
   assert by["teacher"].params >= 4 * by["student"].params
@@ -88,7 +93,9 @@ def test_pipeline_report(tmp_path):
   saved = _saved_arrays(tmp_path / "run" / "artifacts" / "pruned")
   kernels = [v for k, v in saved.items() if k.endswith("kernel")]
   zeros = sum(int((v == 0).sum()) for v in kernels)
-  assert zeros == int(0.5 * sum(v.size for v in kernels))
+  # round, not int (floor): pruning prunes torch.nn.utils.prune's count, round(amount * n)
+  # (Python's round, half to even): for odd n, 0.5 n = k + .5 rounds to the even of k, k + 1.
+  assert zeros == round(0.5 * sum(v.size for v in kernels))
   # Measured bytes on disk shrink with the parameter count. (At this toy size the int8
   # file is dominated by checkpoint metadata; compare its arrays instead: kernels at 1 byte
   # plus float scales, embeddings and norms, so well under the float32 arrays.)
@@ -102,5 +109,5 @@ def test_pipeline_report(tmp_path):
   assert all(f"| {s} |" in report for s in by)
   assert os.path.exists(tmp_path / "run" / "report.png")
   # Resumable: a second run finds every stage's checkpoint and trains nothing new.
-  again = run_pipeline(c, str(tmp_path / "run"))
+  again = run_recipe(c, str(tmp_path / "run"))
   assert [r.params for r in again] == [r.params for r in results]

@@ -22,21 +22,21 @@ What Orbax guarantees and we rely on:
 RNG keys must be stored as raw ``uint32`` key data (``jax.random.key_data``); typed key arrays
 are rejected with a clear error.
 
-``PreemptionWatcher`` turns SIGTERM (and SIGINT) into a "save and stop" decision that all
-hosts agree on.
+Preemption (SIGTERM -> save and stop) is ``gptjax.train.preemption``.
 """
 from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 from typing import Any, Optional
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from gptjax.tree import flat_dict
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ DATA_ITEM = "data"
 TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"
 
 __all__ = [
-    "Checkpointer", "PreemptionWatcher", "abstract_like", "CheckpointCorruptError",
+    "Checkpointer", "abstract_like", "CheckpointCorruptError",
     "CheckpointMismatchError", "TMP_DIR_SUFFIX",
 ]
 
@@ -62,34 +62,13 @@ class CheckpointMismatchError(ValueError):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _grain_checkpoint():
-  import grain  # local import: the model code does not need grain
-  return grain.checkpoint
-
-
-def _key_name(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def _path_name(path) -> str:
-  """Key path -> 'params.blocks.0.attn.kernel.value' (the names Orbax stores arrays under)."""
-  return ".".join(_key_name(k) for k in path)
-
-
-def _flat(tree) -> dict[str, Any]:
-  return {_path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def _is_typed_key(x) -> bool:
   dtype = getattr(x, "dtype", None)
   return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def _reject_typed_keys(tree, what: str) -> None:
-  bad = [name for name, x in _flat(tree).items() if _is_typed_key(x)]
+  bad = [name for name, x in flat_dict(tree).items() if _is_typed_key(x)]
   if bad:
     raise TypeError(
         f"{what} contains typed PRNG key arrays at {bad[:5]}; store raw key data instead "
@@ -151,7 +130,7 @@ class Checkpointer:
     self._mgr = ocp.CheckpointManager(
         self.directory,
         item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
-                       DATA_ITEM: _grain_checkpoint().CheckpointHandler()},
+                       DATA_ITEM: grain.checkpoint.CheckpointHandler()},
         options=options,
     )
     self._in_flight: Optional[int] = None  # step of the async save not yet known finalized
@@ -200,7 +179,7 @@ class Checkpointer:
     _reject_typed_keys(state, "checkpoint state")
     items = {STATE_ITEM: ocp.args.StandardSave(state)}
     if data_iterator is not None:
-      items[DATA_ITEM] = _grain_checkpoint().CheckpointSave(data_iterator)
+      items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
     try:
       started = self._mgr.save(step, args=ocp.args.Composite(**items), force=True)
     except ocp.checkpoint_manager.StepAlreadyExistsError:
@@ -248,7 +227,7 @@ class Checkpointer:
 
     items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
-      items[DATA_ITEM] = _grain_checkpoint().CheckpointRestore(data_iterator)
+      items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       restored = self._mgr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001 -- re-raised with context
@@ -277,10 +256,10 @@ class Checkpointer:
       tree = getattr(metadata, "tree", metadata)
       if tree is None:
         raise FileNotFoundError(f"no '{STATE_ITEM}' item metadata")
-      saved = _flat(tree)
+      saved = flat_dict(tree)
     except Exception as e:  # noqa: BLE001 -- re-raised with context
       raise self._corrupt(step, available, e) from e
-    wanted = _flat(abstract_state)
+    wanted = flat_dict(abstract_state)
     missing = sorted(set(wanted) - set(saved))
     unexpected = sorted(set(saved) - set(wanted))
     shapes = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(wanted[k].shape)}"
@@ -330,103 +309,3 @@ class Checkpointer:
   def __repr__(self) -> str:
     return (f"Checkpointer({str(self.directory)!r}, save_every={self.save_every}, "
             f"keep={self.keep}, async_save={self.async_save})")
-
-
-# ----------------------------------------------------------------------------- preemption
-
-
-class PreemptionWatcher:
-  """Turns SIGTERM (and optionally SIGINT) into a stop decision all hosts agree on.
-
-  Call ``should_stop(step)`` once per training step, on every host, with the same step
-  numbers; when it returns True, save a checkpoint (``force=True``) and exit.
-
-  * Single process: a signal handler sets a flag; ``should_stop`` returns it.
-  * Multi-process with JAX's preemption service (``jax.distributed.initialize``, the default):
-    JAX's runtime owns SIGTERM and propagates the notice to all hosts, and
-    ``multihost_utils.reached_preemption_sync_point(step)`` returns True on all of them at the
-    same step. We do not install a Python SIGTERM handler then (it would replace JAX's).
-  * Multi-process without it (or for SIGINT): the local flag is combined across hosts with
-    ``multihost_utils.process_allgather`` every ``sync_every`` steps.
-
-  A second SIGINT while a stop is already pending raises ``KeyboardInterrupt`` (hard stop).
-  Previous handlers are restored on ``close()`` / context exit.
-  """
-
-  def __init__(self, *, handle_sigint: bool = True, sync_every: int = 1, install: bool = True):
-    self.sync_every = max(1, int(sync_every))
-    self._flag = threading.Event()
-    self.received: Optional[int] = None  # the signal number that set the flag
-    self._previous: dict[int, Any] = {}
-    self._multi = jax.process_count() > 1
-    self._jax_sync = self._multi and self._jax_preemption_service_available()
-    self._signals: list[int] = []
-    if not self._jax_sync:
-      self._signals.append(signal.SIGTERM)
-    if handle_sigint:
-      self._signals.append(signal.SIGINT)
-    if install:
-      self.install()
-
-  @staticmethod
-  def _jax_preemption_service_available() -> bool:
-    from jax._src import distributed  # no public accessor in jax 0.10
-    return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
-
-  def install(self) -> None:
-    if self._previous:
-      return
-    if threading.current_thread() is not threading.main_thread():
-      log.warning("PreemptionWatcher: not on the main thread; signal handlers not installed")
-      return
-    for sig in self._signals:
-      self._previous[sig] = signal.signal(sig, self._handle)
-
-  def _handle(self, signum, frame) -> None:
-    if signum == signal.SIGINT and self._flag.is_set():
-      raise KeyboardInterrupt  # second Ctrl-C: stop now
-    self.received = signum
-    self._flag.set()
-    log.warning("received %s: will save a checkpoint and stop at the next step boundary",
-                signal.Signals(signum).name)
-
-  def request_stop(self) -> None:
-    """Set the stop flag programmatically (as if a signal had arrived on this host)."""
-    self._flag.set()
-
-  @property
-  def stop_requested(self) -> bool:
-    """This host's local flag (not synchronized across hosts)."""
-    return self._flag.is_set()
-
-  def should_stop(self, step: Optional[int] = None) -> bool:
-    """True when training should save and stop at ``step``; same answer on every host."""
-    if not self._multi:
-      return self._flag.is_set()
-    if step is None:
-      raise ValueError("PreemptionWatcher.should_stop(step): step is required on multi-host")
-    from jax.experimental import multihost_utils
-    stop = False
-    if self._jax_sync:
-      stop = bool(multihost_utils.reached_preemption_sync_point(int(step)))
-    if self._signals and int(step) % self.sync_every == 0:
-      flags = multihost_utils.process_allgather(np.asarray(self._flag.is_set(), np.int32))
-      stop = stop or bool(np.any(flags))
-    return stop
-
-  def close(self) -> None:
-    """Restore the signal handlers that were installed before."""
-    if not self._previous:
-      return
-    if threading.current_thread() is not threading.main_thread():
-      log.warning("PreemptionWatcher.close: not on the main thread; handlers left installed")
-      return
-    for sig, prev in self._previous.items():
-      signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
-    self._previous = {}
-
-  def __enter__(self) -> "PreemptionWatcher":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()

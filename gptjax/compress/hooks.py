@@ -1,4 +1,5 @@
-"""Compression *during* training, switched on from the training config.
+"""Compression *during* training, switched on from the training config, turned into
+``RunHooks`` for the trainer (which knows nothing of compression):
 
   config.qat.enabled=True     train through fake-quantized weights and activations
                               (``quantize.qat_model``: qwix QtProvider, straight-through
@@ -8,9 +9,9 @@
                               schedule (``prune.gradual_pruning`` wrapping the optimizer); the
                               masks live in the optimizer state, so they are checkpointed.
 
-``run`` and ``load_model`` both build the trained module and optimizer through
-``model_fn_for`` / ``wrap_tx_for``, so a workdir reloads as exactly what was trained (the
-QAT model, the pruning optimizer state) from its saved config alone.
+``hooks_for(config, hooks)`` composes these with a trainer's own hooks; ``gptjax.runs``
+(``train``, ``load_model``) and the distillation trainer call it, so a workdir reloads as
+exactly what was trained (the QAT model, the pruning optimizer state) from its saved config.
 """
 from __future__ import annotations
 
@@ -19,11 +20,18 @@ from typing import Callable, Optional
 
 import ml_collections
 
+from gptjax.compress import prune
+from gptjax.model import from_config
+from gptjax.train import load as train_load
+from gptjax.train.config import fail
+from gptjax.train.hooks import RunHooks
+
 QAT_QTYPES = ("int8", "int4")
 PRUNE_METHODS = ("global", "layerwise", "n_m")
 
 
 def qat_section() -> ml_collections.ConfigDict:
+  """``config.qat``: quantization-aware training (off unless enabled)."""
   return ml_collections.ConfigDict(dict(
       enabled=False,
       weight_qtype="int8",  # per-channel fake-quantized matmul kernels: 'int8' | 'int4'
@@ -34,6 +42,7 @@ def qat_section() -> ml_collections.ConfigDict:
 
 
 def prune_section() -> ml_collections.ConfigDict:
+  """``config.prune``: gradual pruning during training (off unless enabled)."""
   return ml_collections.ConfigDict(dict(
       enabled=False,
       method="global",  # 'global' | 'layerwise' L1 magnitude, or 'n_m' (N:M, reduction axis)
@@ -61,65 +70,63 @@ def end_step(c) -> int:
   return p.end_step if p.end_step >= 0 else max(p.begin_step, (3 * c.train.steps) // 4)
 
 
+def add_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``c`` (a training config) with the ``qat`` and ``prune`` sections, locked."""
+  c.unlock()
+  c.qat = qat_section()
+  c.prune = prune_section()
+  c.lock()
+  return c
+
+
 def validate(c) -> None:
-  """Checks the ``qat`` and ``prune`` sections (when enabled); called by the config's
-  ``validate``."""
-  from gptjax.train.config import _fail  # one error format for every config field
+  """Checks the ``qat`` and ``prune`` sections (when enabled)."""
   q = _section(c, "qat")
   if q is not None:
     if q.weight_qtype not in QAT_QTYPES:
-      _fail("qat.weight_qtype", q.weight_qtype, f"allowed values are {QAT_QTYPES}")
+      fail("qat.weight_qtype", q.weight_qtype, f"allowed values are {QAT_QTYPES}")
     act = _act_qtype(q.act_qtype)
     if act is not None and act not in QAT_QTYPES:
-      _fail("qat.act_qtype", q.act_qtype, f"allowed values are {QAT_QTYPES} or None")
+      fail("qat.act_qtype", q.act_qtype, f"allowed values are {QAT_QTYPES} or None")
   p = _section(c, "prune")
   if p is not None:
     if p.method not in PRUNE_METHODS:
-      _fail("prune.method", p.method, f"allowed values are {PRUNE_METHODS}")
+      fail("prune.method", p.method, f"allowed values are {PRUNE_METHODS}")
     for key in ("final_sparsity", "initial_sparsity"):
       v = p[key]
       if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-        _fail(f"prune.{key}", v, "must be in [0, 1)")
+        fail(f"prune.{key}", v, "must be in [0, 1)")
     if p.initial_sparsity > p.final_sparsity:
-      _fail("prune.initial_sparsity", p.initial_sparsity,
+      fail("prune.initial_sparsity", p.initial_sparsity,
             f"must be <= prune.final_sparsity={p.final_sparsity}")
     if p.begin_step < 0:
-      _fail("prune.begin_step", p.begin_step, "must be >= 0")
+      fail("prune.begin_step", p.begin_step, "must be >= 0")
     if p.end_step != -1 and p.end_step < p.begin_step:
-      _fail("prune.end_step", p.end_step,
+      fail("prune.end_step", p.end_step,
             f"must be >= prune.begin_step={p.begin_step}, or -1 (3/4 of train.steps)")
     if p.frequency < 1:
-      _fail("prune.frequency", p.frequency, "must be a positive integer")
+      fail("prune.frequency", p.frequency, "must be a positive integer")
     if p.method == "n_m":
       if not 0 < p.n <= p.m:
-        _fail("prune.n", p.n, f"must satisfy 0 < n <= m (m={p.m})")
+        fail("prune.n", p.n, f"must satisfy 0 < n <= m (m={p.m})")
       if p.final_sparsity <= 0:
-        _fail("prune.final_sparsity", p.final_sparsity, "must be > 0 for method 'n_m': the "
+        fail("prune.final_sparsity", p.final_sparsity, "must be > 0 for method 'n_m': the "
               "N:M pattern is imposed once the schedule first exceeds 0")
 
 
-def model_fn_for(c, model_fn: Optional[Callable] = None) -> Optional[Callable]:
-  """``model_fn`` (default GPT/VLM) made a QAT model when ``config.qat.enabled``."""
-  q = _section(c, "qat")
-  if q is None:
-    return model_fn
+def _qat_model_fn(q, model_fn: Optional[Callable]) -> Callable:
+  # qwix is an optional dependency: imported only when a config enables QAT.
+  from gptjax.compress.quantize import qat_model
 
   def qat_model_fn(cfg, seed):
-    from gptjax.compress.quantize import qat_model
-    from gptjax.train.state import make_model
-    model = (model_fn or make_model)(cfg, seed)
+    model = (model_fn or from_config)(cfg, seed)
     return qat_model(model, weight_qtype=q.weight_qtype, act_qtype=_act_qtype(q.act_qtype),
                      include_head=q.include_head)
 
   return qat_model_fn
 
 
-def wrap_tx_for(c, wrap_tx: Optional[Callable] = None) -> Optional[Callable]:
-  """``wrap_tx`` followed by ``prune.gradual_pruning`` when ``config.prune.enabled``."""
-  p = _section(c, "prune")
-  if p is None:
-    return wrap_tx
-  from gptjax.compress import prune
+def _pruning_wrap_tx(c, p, wrap_tx: Optional[Callable]) -> Callable:
   schedule = functools.partial(
       prune.cubic_schedule, initial_sparsity=p.initial_sparsity,
       final_sparsity=p.final_sparsity, begin_step=p.begin_step, end_step=end_step(c),
@@ -131,3 +138,24 @@ def wrap_tx_for(c, wrap_tx: Optional[Callable] = None) -> Optional[Callable]:
                                  include_embeddings=p.include_embeddings)
 
   return wrap
+
+
+def hooks_for(c, hooks: Optional[RunHooks] = None) -> RunHooks:
+  """``hooks`` (default: none) with what ``c`` enables added: the QAT model around
+  ``model_fn`` (``config.qat``), gradual pruning around ``wrap_tx`` (``config.prune``)."""
+  hooks = hooks or RunHooks()
+  q, p = _section(c, "qat"), _section(c, "prune")
+  if q is not None:
+    hooks = hooks.replace(model_fn=_qat_model_fn(q, hooks.model_fn))
+  if p is not None:
+    hooks = hooks.replace(wrap_tx=_pruning_wrap_tx(c, p, hooks.wrap_tx))
+  return hooks
+
+
+def load_model(workdir: str, *, step: Optional[int] = None,
+               hooks: Optional[RunHooks] = None):
+  """The model a workdir trained, rebuilt as trained from its saved config alone (the QAT
+  model, the pruning optimizer state); ``hooks`` as the run had them (distillation)."""
+  c = train_load.load_run_config(workdir)
+  validate(c)
+  return train_load.load_model(workdir, config=c, step=step, hooks=hooks_for(c, hooks))

@@ -1,0 +1,35 @@
+"""A training config's data: its splits opened as sources and turned into batch pipelines.
+
+The trainer, the compression recipe and the benchmarks all read data through these two
+functions, so a config means the same batches everywhere.
+"""
+from __future__ import annotations
+
+from gptjax.data.datasets import load_source
+from gptjax.data.pipeline import Pipeline, make_pipeline
+from gptjax.train.config import tokenizer_for
+
+
+def load_split(c, split: str):
+  """The ``split`` of the config's dataset (``data.name``, builder kwargs, paths) as a
+  random-access source."""
+  d = c.data
+  kwargs = dict(d.builder_kwargs.to_dict()) if d.builder_kwargs else {}
+  if d.name == "text_files":
+    if not d.paths:
+      raise ValueError("config.data.paths is empty: data.name='text_files' needs files, globs "
+                       "or directories (e.g. --config.data.paths='(\"notes/*.txt\",)')")
+    kwargs["paths"] = list(d.paths)
+  return load_source(d.name, split, data_dir=d.data_dir, **kwargs)
+
+
+def pipeline_for(c, source, *, train: bool, batch_size: int, seed_offset: int = 0) -> Pipeline:
+  """Batches of ``source`` laid out for the config's task (``gptjax.batch``): shuffled,
+  repeated and (``data.pack``) packed when ``train``; one ordered pass otherwise."""
+  d = c.data
+  return make_pipeline(
+      source, task=d.task, batch_size=batch_size, seed=c.seed + seed_offset, shuffle=train,
+      repeat=train, prompt_len=d.prompt_len, target_len=d.target_len, seq_len=d.seq_len,
+      text_key=d.text_key, name=f"{d.name}", drop_remainder=True,
+      pack=bool(d.pack) and train, packed_len=d.packed_len,
+      tokenizer=tokenizer_for(c))
