@@ -1,5 +1,5 @@
 """The mini student distilled from the demo VLM (>= 4x fewer parameters), used by
-configs/mini_pipeline.py; on its own it trains the same student from scratch:
+configs/mini_recipe.py; on its own it trains the same student from scratch:
 
   python train.py --config configs/distill_mini.py --workdir runs/mini_scratch
 
