@@ -1,30 +1,6 @@
-"""The mini student distilled from the demo VLM (>= 4x fewer parameters), used by
-configs/mini_recipe.py; on its own it trains the same student from scratch:
+"""The mini student distilled from the demo VLM (also trains it from scratch).
 
-  python train.py --config configs/distill_mini.py --workdir runs/mini_scratch
-
-Data settings are the demo's (same tokenizer, so the vocabularies match for distillation).
-The student is narrower (64), has a 3-stage CNN (4x4 grid + the global token: 17 image
-tokens instead of 65) and a short position table: what it keeps float on disk (embeddings,
-positions, norms) stays small next to its int8 kernels.
+The config lives in the package (gptjax/configs/distill_mini.py) so that an installed gptjax has it
+too (`--config distill_mini`); this file keeps `--config configs/distill_mini.py` working.
 """
-import os
-
-from gptjax.train.config import load_config_file, model_section, vision_section
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def get_config():
-  c = load_config_file(os.path.join(HERE, "demo.py"))
-  c.model = model_section(
-      # 47 text tokens + 17 image tokens (4x4 grid + global): a 64-row position table.
-      "mini", max_seq_len=47, width=56, depth=2, num_heads=4, mlp_dim=128, dropout=0.0,
-      vocab_size=c.model.vocab_size,
-      vision=vision_section(kind="cnn", image_size=32, cnn_channels=(16, 32, 32), width=64,
-                            global_token=True, cnn_pos_embed=True))
-  c.train.steps = 4000
-  c.optim.lr = 1e-3
-  c.checkpoint.every = 1000
-  c.eval.every = 0
-  return c
+from gptjax.configs.distill_mini import get_config  # noqa: F401

@@ -1,27 +1,6 @@
-"""A larger VLM on the built-in `shapes` data (the demo's data settings and tokenizer): a
-stronger teacher for compression, sized for a GPU / TPU rather than a laptop.
+"""A larger VLM on the built-in `shapes` data: a stronger teacher for compression.
 
-  python train.py --config configs/vlm_teacher.py --workdir runs/teacher
+The config lives in the package (gptjax/configs/vlm_teacher.py) so that an installed gptjax has it
+too (`--config vlm_teacher`); this file keeps `--config configs/vlm_teacher.py` working.
 """
-import os
-
-from gptjax.train.config import load_config_file, model_section, vision_section
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def get_config():
-  c = load_config_file(os.path.join(HERE, "demo.py"))
-  c.model = model_section(
-      # 63 text tokens + 65 image tokens (8x8 patches + global): a 128-row position table.
-      "mini", max_seq_len=63, width=256, depth=4, num_heads=8, mlp_dim=1024, dropout=0.0,
-      vocab_size=c.model.vocab_size,
-      vision=vision_section(kind="vit", image_size=32, patch_size=4, width=256, depth=2,
-                            num_heads=8, mlp_dim=512, global_token=True))
-  c.train.steps = 6000
-  c.train.batch_size = 64
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = 200
-  c.checkpoint.every = 1000
-  c.eval.every = 1000
-  return c
+from gptjax.configs.vlm_teacher import get_config  # noqa: F401

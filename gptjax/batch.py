@@ -59,9 +59,83 @@ def model_args(batch: Mapping[str, Any]) -> tuple[tuple, dict]:
   return (jnp.asarray(batch["inputs"]),), kwargs
 
 
+_INT_KEYS = ("inputs", "targets", "segment_ids", "positions")
+
+
+def _concrete(x) -> bool:
+  if isinstance(x, jax.core.Tracer):
+    return False
+  return not isinstance(x, jax.Array) or x.is_fully_addressable
+
+
+def _bad(key: str, x, expected: str) -> ValueError:
+  return ValueError(f"batch[{key!r}] with shape {tuple(np.shape(x))} and dtype "
+                    f"{getattr(x, 'dtype', type(x).__name__)} is invalid: expected {expected}")
+
+
+def check_batch(batch: Mapping[str, Any], model_config=None) -> None:
+  """Raise ``ValueError`` naming the key if ``batch`` does not fit the layout above (and
+  ``model_config``, a ``gptjax.config.ModelConfig``, when given): ranks, dtypes, matching
+  (B, T), the image size, T <= max_seq_len and, for concrete (host / addressable) arrays,
+  token ids in [0, vocab_size). Shape checks also work on tracers (inside jit they fail at
+  trace time, named, instead of as an XLA shape error); value checks then are skipped.
+  NaN pixels are not rejected: the train step's non-finite guard handles bad values."""
+  if not isinstance(batch, Mapping):
+    raise TypeError(f"batch is a {type(batch).__name__}: expected a dict of arrays with keys "
+                    f"{MODEL_KEYS}")
+  arrays = {k: (v if hasattr(v, "dtype") else np.asarray(v)) for k, v in batch.items()
+            if k in MODEL_KEYS and v is not None}
+  if "inputs" not in arrays:
+    raise ValueError(f"batch has keys {sorted(batch)}: expected 'inputs' (B, T) int32 "
+                     "token ids and optionally 'image' (B, H, W, C) uint8")
+  inputs = arrays["inputs"]
+  for k in _INT_KEYS + ("loss_mask",):
+    if k not in arrays:
+      continue
+    x = arrays[k]
+    if x.ndim != 2 or (k != "inputs" and tuple(x.shape) != tuple(inputs.shape)):
+      raise _bad(k, x, f"(B, T) = {tuple(inputs.shape) if inputs.ndim == 2 else '(B, T)'}"
+                 " like batch['inputs']")
+    if k in _INT_KEYS and not jnp.issubdtype(x.dtype, jnp.integer):
+      raise _bad(k, x, "an integer dtype (int32)")
+    if k == "loss_mask" and not (jnp.issubdtype(x.dtype, jnp.number) or x.dtype == bool):
+      raise _bad(k, x, "a numeric dtype (float32 0/1)")
+  b, t = inputs.shape
+  if "image" in arrays:
+    x = arrays["image"]
+    vision = getattr(model_config, "vision", None) if model_config is not None else None
+    if model_config is not None and vision is None:
+      raise _bad("image", x, "no image: the model has no vision encoder (model.vision=None)")
+    want = ((vision.image_size, vision.image_size, vision.channels) if vision is not None
+            else None)
+    if (x.ndim != 4 or x.shape[0] != b or not jnp.issubdtype(x.dtype, jnp.number)
+        or (want is not None and tuple(x.shape[1:]) != want)):
+      hwc = "H, W, C" if want is None else ", ".join(map(str, want))
+      raise ValueError(f"batch['image']: image shape {tuple(x.shape)} (dtype {x.dtype}) is "
+                       f"invalid: expected (B, {hwc}) with B={b} rows like batch['inputs'], "
+                       "uint8 or float")
+  if model_config is None:
+    return
+  if t > model_config.max_seq_len:
+    raise _bad("inputs", inputs, f"T <= model.max_seq_len={model_config.max_seq_len} text "
+               "tokens")
+  vocab = model_config.vocab_size
+  for k, hi, what in (("inputs", vocab, "vocab_size"), ("targets", vocab, "vocab_size"),
+                      ("positions", model_config.max_seq_len, "max_seq_len")):
+    x = arrays.get(k)
+    if x is None or not _concrete(x) or not x.size:
+      continue
+    x = np.asarray(x)
+    if x.min() < 0 or x.max() >= hi:
+      raise ValueError(f"batch[{k!r}] contains values outside [0, {what}={hi}): "
+                       f"min={x.min()}, max={x.max()}")
+
+
 def forward(model, batch: Mapping[str, Any], *, return_hidden: bool = False):
   """Text logits (B, T, V) float32 of a GPT or VLM on ``batch`` (with ``return_hidden``:
-  (logits, final hidden states))."""
+  (logits, final hidden states)); ``check_batch`` first (against ``model.config`` when the
+  model has one)."""
+  check_batch(batch, getattr(model, "config", None))
   args, kwargs = model_args(batch)
   if return_hidden:
     kwargs["return_hidden"] = True

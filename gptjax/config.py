@@ -105,7 +105,7 @@ class VisionConfig:
 
 
 # The byte tokenizer's vocabulary: 256 bytes + <pad>, <bos>, <eos>, <sep> (a test checks it
-# equals gptjax.data.tokenizer.ByteTokenizer.vocab_size; the model floor does not import data).
+# equals gptjax.data.tokenizers.ByteTokenizer.vocab_size; the model floor does not import data).
 BYTE_VOCAB_SIZE = 260
 
 # Sizes that default to a value derived from others: ``None`` at construction resolves to

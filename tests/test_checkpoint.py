@@ -297,7 +297,7 @@ def test_corrupt_checkpoint_clear_error(tmp_path, damage):
     print(msg)
     assert isinstance(info.value, RuntimeError)
     assert str(tmp_path / "2") in msg and "step 2" in msg
-    assert "--checkpoint.step=1" in msg and "delete" in msg
+    assert "--config.checkpoint.step=1" in msg and "delete" in msg  # the flag train.py takes
     assert info.value.__cause__ is not None
     assert_bit_equal(ckpt.restore(abstract_like(state), step=1), state)
 

@@ -151,7 +151,7 @@ def test_documented_tiny_vlm_example(vision):
 
 def test_byte_vocab_constant_matches_tokenizer():
   from gptjax.config import BYTE_VOCAB_SIZE
-  from gptjax.data.tokenizer import ByteTokenizer
+  from gptjax.data.tokenizers import ByteTokenizer
   assert BYTE_VOCAB_SIZE == ByteTokenizer.vocab_size == ModelConfig().vocab_size
 
 

@@ -163,18 +163,18 @@ FILES = {
     "b.txt": "naïve café — 日本語\n\n\n\nfifth\r\n\r\nsixth with CRLF\r\n",
     "c.txt": "seventh\n\neighth\n\nninth\n\ntenth\n\neleventh\n",
 }
+# Split on the exact separator "\n\n", verbatim: nothing stripped, CRLF kept.
+SEPARATOR = "\n\n"
 EXPECTED_DOCS = [
     "First paragraph.\nStill first.",
-    "Second one.",
-    "Third, after a whitespace line.",
+    "Second one.\n   \nThird, after a whitespace line.\n",
     "naïve café — 日本語",
-    "fifth",
-    "sixth with CRLF",
+    "fifth\r\n\r\nsixth with CRLF\r\n",
     "seventh",
     "eighth",
     "ninth",
     "tenth",
-    "eleventh",
+    "eleventh\n",
 ]
 
 
@@ -191,7 +191,8 @@ def _text_splits(paths, data_dir, **kw):
 
 def test_text_files_documents_in_exactly_one_split(tmp_path):
   _write_files(tmp_path / "files")
-  splits = _text_splits([str(tmp_path / "files" / "*.txt")], tmp_path / "data")
+  splits = _text_splits([str(tmp_path / "files" / "*.txt")], tmp_path / "data",
+                        document_separator=SEPARATOR)
   assert splits["train"] and splits["validation"]
   indices = {s: [int(r["doc_index"]) for r in rs] for s, rs in splits.items()}
   assert not set(indices["train"]) & set(indices["validation"])
@@ -204,21 +205,35 @@ def test_text_files_documents_in_exactly_one_split(tmp_path):
       assert os.path.basename(_s(r["source"])) in FILES
 
   # Same files named by a directory, built elsewhere: the same assignment.
-  again = _text_splits([str(tmp_path / "files")], tmp_path / "data2")
+  again = _text_splits([str(tmp_path / "files")], tmp_path / "data2",
+                       document_separator=SEPARATOR)
   assert sorted(int(r["doc_index"]) for r in again["validation"]) == sorted(indices["validation"])
 
 
 def test_text_files_whole_file_documents_and_stale_data(tmp_path):
   _write_files(tmp_path / "files")
   paths = [str(tmp_path / "files")]
-  splits = _text_splits(paths, tmp_path / "data", split_on_blank_lines=False)
+  splits = _text_splits(paths, tmp_path / "data")  # default: whole files, verbatim
   texts = sorted(_s(r["text"]) for rs in splits.values() for r in rs)
-  assert texts == sorted(t.replace("\r\n", "\n") for t in FILES.values())
+  assert texts == sorted(FILES.values())  # byte for byte: blank lines, CRLF, trailing \n
   # Changing a file must not reuse the data prepared from its old content.
   with open(tmp_path / "files" / "c.txt", "a", encoding="utf-8") as f:
     f.write("appended\n")
-  splits = _text_splits(paths, tmp_path / "data", split_on_blank_lines=False)
+  splits = _text_splits(paths, tmp_path / "data")
   assert any(_s(r["text"]).endswith("appended\n") for rs in splits.values() for r in rs)
+
+
+def test_text_files_tail_split_of_one_file(tmp_path):
+  """split_mode='tail': one long text, its last 10 % by position is validation (nanoGPT)."""
+  text = "".join(f"line {i}\n\n  indented {i}\n" for i in range(200))
+  (tmp_path / "one.txt").write_text(text, encoding="utf-8")
+  splits = _text_splits([str(tmp_path / "one.txt")], tmp_path / "data",
+                        validation_fraction=0.1, split_mode="tail")
+  train, val = (_s(splits[s][0]["text"]) for s in ("train", "validation"))
+  assert train + val == text and len(val) == round(0.1 * len(text))
+  with pytest.raises(ValueError, match="split_mode='random'"):
+    load_text_files([str(tmp_path / "one.txt")], "train", data_dir=tmp_path / "d2",
+                    split_mode="random")
 
 
 def test_text_files_no_match_names_pattern(tmp_path):

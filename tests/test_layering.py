@@ -16,8 +16,9 @@ FLOORS = [
     ("gptjax.generate",),
     ("gptjax.data",),
     ("gptjax.train",),
-    ("gptjax.compress",),
-    ("gptjax.runs", "gptjax"),
+    ("gptjax.compress", "gptjax.interop"),
+    ("gptjax.runs", "gptjax.sample", "gptjax"),
+    ("gptjax.configs", "gptjax.cli"),  # shipped configs and the console scripts' mains
 ]
 # Function-local imports of gptjax that are deliberate: quantization needs qwix (an optional
 # dependency), and `import gptjax` defers the training stack until load_model is used.

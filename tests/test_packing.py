@@ -8,7 +8,7 @@ from flax import nnx
 
 import gptjax
 from gptjax.data.pipeline import Example, encode_packed, encode_vqa
-from gptjax.data.tokenizer import ByteTokenizer
+from gptjax.data.tokenizers import ByteTokenizer
 from gptjax.generate import generate, pad_prompts
 from gptjax.runs import base_config
 from gptjax.train.config import model_section, validate, vision_section

@@ -6,7 +6,7 @@ from flax import nnx
 
 import gptjax
 from gptjax.data.builders.shapes import shapes as shapes_lib
-from gptjax.data.tokenizer import ByteTokenizer, WordTokenizer, make_tokenizer
+from gptjax.data.tokenizers import ByteTokenizer, WordTokenizer, make_tokenizer
 from gptjax.vision import CNNEncoder
 
 

@@ -10,6 +10,7 @@ import os
 import re
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -19,7 +20,7 @@ from gptjax import sharding as shd
 from gptjax.train.checkpoint import CheckpointCorruptError, Checkpointer
 from gptjax.train.preemption import PreemptionWatcher
 from gptjax.batch import MODEL_KEYS, batch_shardings, global_batch
-from gptjax.data.tokenizer import ByteTokenizer
+from gptjax.data.tokenizers import ByteTokenizer
 from gptjax.train.config import base_config, model_section, validate
 from gptjax.train.data import load_split, pipeline_for
 from gptjax.train.loop import run
@@ -419,7 +420,8 @@ def test_run_text_only_lm(tmp_path):
   c = base_config()
   c.model = model_section("tiny", max_seq_len=64)
   c.data.name, c.data.task, c.data.paths = "text_files", "lm", (str(text),)
-  c.data.builder_kwargs = None
+  # Documents are whole files unless a separator is named: 40 paragraphs, 40 documents.
+  c.data.builder_kwargs = ml_collections.ConfigDict(dict(document_separator="\n\n"))
   c.data.data_dir = str(tmp_path / "data")
   c.data.seq_len = 32
   c.data.test_split = ""

@@ -28,6 +28,17 @@ from gptjax.train.hooks import RunHooks
 
 QAT_QTYPES = ("int8", "int4")
 PRUNE_METHODS = ("global", "layerwise", "n_m")
+QUANT_EXTRA = "pip install 'gptjax[quant]'"
+
+
+def require_qwix(what: str) -> None:
+  """Fails (ValueError) when qwix, the optional quantization dependency, is not installed:
+  called by config validation so a run that needs it stops before any training."""
+  try:
+    import qwix  # noqa: F401
+  except ImportError as e:
+    raise ValueError(f"{what} needs qwix, which is not installed ({e}); "
+                     f"install the quantization extra: {QUANT_EXTRA}") from None
 
 
 def qat_section() -> ml_collections.ConfigDict:
@@ -83,6 +94,7 @@ def validate(c) -> None:
   """Checks the ``qat`` and ``prune`` sections (when enabled)."""
   q = _section(c, "qat")
   if q is not None:
+    require_qwix("config.qat.enabled=True (quantization-aware training)")
     if q.weight_qtype not in QAT_QTYPES:
       fail("qat.weight_qtype", q.weight_qtype, f"allowed values are {QAT_QTYPES}")
     act = _act_qtype(q.act_qtype)

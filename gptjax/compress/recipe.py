@@ -18,10 +18,12 @@ exact-match, VQA accuracy and decode tokens/s on this machine (``config.report``
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
 import shutil
+import sys
 import time
 from typing import Optional
 
@@ -40,10 +42,11 @@ from gptjax.config import ModelConfig
 from gptjax.generate import generate
 from gptjax.model import count_params
 from gptjax.train import config as train_config
+from gptjax.train.checkpoint import CheckpointCorruptError
 from gptjax.train.config import fail, tokenizer_for, vision_section
 from gptjax.train.data import load_split, pipeline_for
 from gptjax.train.evaluate import evaluate
-from gptjax.train.loop import run
+from gptjax.train.loop import RUN_ERRORS, run
 from gptjax.train.metrics import setup_cli_logging
 
 STAGES = ("teacher", "student", "pruned", "int8")
@@ -72,7 +75,7 @@ def recipe_config(teacher: ml_collections.ConfigDict,
       embeddings=False))  # also int8 token / position tables
   c.report = ml_collections.ConfigDict(dict(
       decode_examples=512,  # greedy-decoded test rows for caption EM / VQA accuracy
-      speed_batch=8, speed_new_tokens=32,  # decode tokens/s: batch and new tokens
+      speed_batch=8, speed_new_tokens=32,  # decode tokens/s: batch (0: skip) and new tokens
       teacher_samples=False))  # the teacher run prints its test metrics + held-out samples
   c.lock()
   return c
@@ -81,6 +84,7 @@ def recipe_config(teacher: ml_collections.ConfigDict,
 def validate(c: ml_collections.ConfigDict) -> None:
   """The recipe's own sections, and both training configs, checked before any training
   starts (a bad value must not surface after the teacher's minutes of training)."""
+  compress_hooks.require_qwix("the compression recipe (its int8 stage and artifact storage)")
   p = c.pruned
   for key in ("mlp_keep_fraction", "cnn_keep_fraction"):
     if not 0.0 < p[key] <= 1.0:
@@ -100,9 +104,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     fail("distill.temperature", d.temperature, "must be > 0")
   if d.hidden_weight < 0:
     fail("distill.hidden_weight", d.hidden_weight, "must be >= 0")
-  for key in ("speed_batch", "speed_new_tokens"):
-    if c.report[key] < 1:
-      fail(f"report.{key}", c.report[key], "must be a positive integer")
+  if c.report.speed_batch < 0:
+    fail("report.speed_batch", c.report.speed_batch, "must be >= 0 (0 skips the decode-speed "
+         "measurement)")
+  if c.report.speed_new_tokens < 1:
+    fail("report.speed_new_tokens", c.report.speed_new_tokens, "must be a positive integer")
   if c.report.decode_examples < 0:
     fail("report.decode_examples", c.report.decode_examples, "must be >= 0")
   for name in ("teacher", "student"):
@@ -156,7 +162,8 @@ def evaluate_stage(name: str, model: nnx.Module, c, bytes_on_disk: int, note: st
   ``speed_new_tokens``)."""
   from gptjax.compress.quantize import state_bytes  # qwix: an optional dependency
   metrics, _ = evaluate(model, c, c.data.test_split, decode_examples=decode_examples)
-  tps = decode_speed(model, c, batch=speed_batch, new_tokens=speed_new_tokens)
+  tps = (decode_speed(model, c, batch=speed_batch, new_tokens=speed_new_tokens)
+         if speed_batch else 0.0)
   return StageResult(name, params or count_params(model), bytes_on_disk,
                      int(state_bytes(nnx.state(model, nnx.Param))), metrics["loss"],
                      metrics.get("caption_exact_match"), metrics.get("vqa_accuracy"), tps, note)
@@ -201,6 +208,18 @@ def _prune_structured(student: nnx.Module, p) -> tuple[ModelConfig, nnx.State, l
   return cfg, params, notes
 
 
+@contextlib.contextmanager
+def _checkpoint_hint(section: Optional[str]):
+  """A stage's unreadable checkpoint, its hint in this CLI's terms: the stage trains from
+  ``config.<section>``, so the override is ``--config.<section>.checkpoint.step=N``. The
+  pruned stage (``section`` None) trains from a config derived from ``config.student``,
+  where that override would also restart the student stage: only the delete hint."""
+  try:
+    yield
+  except CheckpointCorruptError as e:
+    raise e.with_prefix(section) from e
+
+
 def run_recipe(c: ml_collections.ConfigDict, workdir: str) -> list[StageResult]:
   """All four stages into ``workdir``; returns one ``StageResult`` per stage."""
   validate(c)
@@ -216,8 +235,9 @@ def run_recipe(c: ml_collections.ConfigDict, workdir: str) -> list[StageResult]:
 
   say("stage 1/4: teacher")
   tdir = os.path.join(workdir, "teacher")
-  run(_inner(c.teacher, final_eval=c.report.teacher_samples), tdir,
-      compress_hooks.hooks_for(c.teacher))
+  with _checkpoint_hint("teacher"):
+    run(_inner(c.teacher, final_eval=c.report.teacher_samples), tdir,
+        compress_hooks.hooks_for(c.teacher))
   teacher = compress_hooks.load_model(tdir)
   results.append(measure("teacher", teacher, save_float_params(teacher, artifact("teacher")),
                          "float32"))
@@ -227,8 +247,9 @@ def run_recipe(c: ml_collections.ConfigDict, workdir: str) -> list[StageResult]:
   d = c.distill
   twidth = teacher.config.width if d.hidden_weight else None
   sdir = os.path.join(workdir, "student")
-  distill_lib.distill(_inner(c.student), sdir, teacher, alpha=d.alpha,
-                      temperature=d.temperature, hidden_weight=d.hidden_weight)
+  with _checkpoint_hint("student"):
+    distill_lib.distill(_inner(c.student), sdir, teacher, alpha=d.alpha,
+                        temperature=d.temperature, hidden_weight=d.hidden_weight)
   student = compress_hooks.load_model(sdir, hooks=distill_lib.student_hooks(twidth))
   results.append(measure("student", student, save_float_params(student, artifact("student")),
       f"distilled, {count_params(teacher) / count_params(student):.1f}x fewer params"))
@@ -247,8 +268,9 @@ def run_recipe(c: ml_collections.ConfigDict, workdir: str) -> list[StageResult]:
                          begin_step=0, end_step=-1, frequency=10))
   pc.lock()
   pdir = os.path.join(workdir, "pruned")
-  distill_lib.distill(_inner(pc), pdir, teacher, alpha=d.alpha, temperature=d.temperature,
-                      hidden_weight=d.hidden_weight, init_params=params)
+  with _checkpoint_hint(None):
+    distill_lib.distill(_inner(pc), pdir, teacher, alpha=d.alpha, temperature=d.temperature,
+                        hidden_weight=d.hidden_weight, init_params=params)
   pruned = compress_hooks.load_model(pdir, hooks=distill_lib.student_hooks(twidth))
   if p.sparsity:
     measured = prune_lib.sparsity_report(nnx.state(pruned, nnx.Param))["global"]
@@ -272,20 +294,37 @@ def run_recipe(c: ml_collections.ConfigDict, workdir: str) -> list[StageResult]:
 
   table = write_report(results, workdir, results[0])
   print(table, flush=True)
-  say(f"report: {os.path.join(workdir, 'report.md')}, plot: {os.path.join(workdir, 'report.png')}")
+  png = os.path.join(workdir, "report.png")
+  say(f"report: {os.path.join(workdir, 'report.md')}"
+      + (f", plot: {png}" if os.path.exists(png) else ""))
   return results
+
+
+def define_flags() -> None:
+  """The recipe's command-line flags (``--config FILE``, ``--config.x.y=...``,
+  ``--workdir``); defined on demand, not at import, so importing the recipe defines none."""
+  config_flags.DEFINE_config_file("config", None, "a recipe config file, e.g. "
+                                  "configs/mini_recipe.py", lock_config=True)
+  flags.DEFINE_string("workdir", None, "recipe directory (one sub-directory per stage)")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   setup_cli_logging()
-  run_recipe(flags.FLAGS.config, flags.FLAGS.workdir)
+  try:
+    validate(flags.FLAGS.config)  # a bad value or a missing extra: one line, before training
+  except ValueError as e:
+    sys.exit(f"gptjax-compress: {e}")
+  try:
+    run_recipe(flags.FLAGS.config, flags.FLAGS.workdir)
+  except RUN_ERRORS as e:  # the message says how to recover: no traceback
+    print(f"{os.path.basename(argv[0])}: error: {type(e).__name__}: {e}", file=sys.stderr,
+          flush=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", None, "a recipe config, e.g. configs/mini_recipe.py",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "recipe directory (one sub-directory per stage)")
-  flags.mark_flags_as_required(["config", "workdir"])
+  define_flags()
   app.run(main)

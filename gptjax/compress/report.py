@@ -7,6 +7,8 @@ import json
 import os
 from typing import Optional
 
+from gptjax.train.metrics import new_figure
+
 
 @dataclasses.dataclass
 class StageResult:
@@ -55,10 +57,11 @@ def write_report(results: list[StageResult], workdir: str, teacher: StageResult)
 
 
 def _plot(results: list[StageResult], path: str) -> None:
-  import matplotlib  # optional dependency (the 'train' extra): imported only to plot
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  try:  # matplotlib is optional (the 'train' extra): without it, one warning and no PNG
+    fig = new_figure(figsize=(6.5, 4.2))
+  except ImportError:
+    return
+  ax = fig.subplots()
   x = [r.bytes_on_disk for r in results]
   for key, marker in (("vqa_accuracy", "o-"), ("caption_exact_match", "s--")):
     y = [getattr(r, key) for r in results]
@@ -76,4 +79,3 @@ def _plot(results: list[StageResult], path: str) -> None:
   ax.set_title("quality vs size")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)

@@ -13,8 +13,9 @@ from typing import Any
 import tensorflow_datasets as tfds
 
 from gptjax.data.builders import load_shapes, load_text_files
+from gptjax.data.tokens import TokenFile
 
-BUILTIN = ("shapes", "text_files")
+BUILTIN = ("shapes", "text_files", "tokens")
 _MAX_CAUSE_CHARS = 600  # tfds's "not found" message lists every dataset; keep ours readable.
 
 
@@ -28,7 +29,8 @@ def load_source(name: str, split: str, data_dir: str | os.PathLike | None = None
 
   ``"shapes"``: ``kwargs`` go to ``load_shapes`` (``image_size``, ``train_size``, ...).
   ``"text_files"``: needs ``paths=`` (files, globs or directories); other ``kwargs`` go to
-  ``load_text_files``. Anything else: ``tfds.builder(name, data_dir=data_dir, **kwargs)``
+  ``load_text_files``. ``"tokens"``: ``paths=[DIR]`` of ``gptjax.data.tokens`` output (a
+  ``TokenFile``; ``windows=`` 'fixed' | 'random'). Anything else: ``tfds.builder(name, data_dir=data_dir, **kwargs)``
   on data already prepared as ``array_record``.
 
   Raises ``ValueError`` (dataset unknown or not prepared) or ``RuntimeError`` (present but
@@ -36,6 +38,12 @@ def load_source(name: str, split: str, data_dir: str | os.PathLike | None = None
   """
   if name == "shapes":
     return load_shapes(split, data_dir=data_dir, **kwargs)
+  if name == "tokens":
+    paths = list(kwargs.pop("paths", ()))
+    if len(paths) != 1:
+      raise ValueError(f"data.name='tokens' needs data.paths=(DIR,): one pre-tokenised "
+                       f"directory, got {paths!r}")
+    return TokenFile(os.path.expanduser(paths[0]), split, **kwargs)
   if name == "text_files":
     if "paths" not in kwargs:
       raise ValueError("load_source('text_files', ...) needs paths=[file, glob or directory, ...]")

@@ -27,7 +27,8 @@ import grain
 import jax
 import numpy as np
 
-from gptjax.data.tokenizer import ByteTokenizer
+from gptjax.data.tokenizers import ByteTokenizer
+from gptjax.data.tokens import TokenFile
 from gptjax.layers.attention import PAD_SEGMENT
 
 CAPTION_PROMPT = "caption:"
@@ -171,10 +172,14 @@ class Pipeline:
 
 
 def _lm_windows(source, tok: ByteTokenizer, seq_len: int, text_key: str) -> np.ndarray:
-  """All documents joined by <eos>, cut into (n, seq_len + 1) windows (the tail dropped)."""
+  """All documents joined by <eos> (between documents only: a document's own text is
+  never interrupted or followed by a token it did not contain), cut into (n, seq_len + 1)
+  windows (the tail dropped)."""
   ids: list[int] = []
   for i in range(len(source)):
-    ids += tok.encode(_text(source[i][text_key])) + [tok.eos_id]
+    if i:
+      ids.append(tok.eos_id)
+    ids += tok.encode(_text(source[i][text_key]))
   n = len(ids) // (seq_len + 1)
   if n == 0:
     raise ValueError(f"the corpus has {len(ids)} tokens, fewer than data.seq_len + 1 = "
@@ -210,7 +215,9 @@ def make_pipeline(source, *, task: str, batch_size: int, seed: int = 0, shuffle:
     ds = grain.MapDataset.source(TaskSource(source, n_tasks, make, name))
     ds = ds.map(lambda ex: encode_vqa(ex, tok, prompt_len, target_len))
   elif task == "lm":
-    windows = _lm_windows(source, tok, seq_len, text_key)
+    # Pre-tokenised data: windows read lazily from the memory map; text: tokenised here.
+    windows = (source.windows(seq_len) if isinstance(source, TokenFile)
+               else _lm_windows(source, tok, seq_len, text_key))
     ds = grain.MapDataset.source(windows).map(
         lambda w: {"inputs": w[:-1], "targets": w[1:],
                    "loss_mask": np.ones(seq_len, np.float32)})

@@ -26,6 +26,7 @@ Preemption (SIGTERM -> save and stop) is ``gptjax.train.preemption``.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from typing import Any, Optional
@@ -35,6 +36,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from gptjax.tree import flat_dict
 
@@ -46,13 +48,63 @@ DATA_ITEM = "data"
 TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"
 
 __all__ = [
-    "Checkpointer", "abstract_like", "CheckpointCorruptError",
-    "CheckpointMismatchError", "TMP_DIR_SUFFIX",
+    "Checkpointer", "abstract_like", "CheckpointCorruptError", "CheckpointSaveError",
+    "CheckpointMismatchError", "TMP_DIR_SUFFIX", "step_override",
 ]
 
 
+def step_override(step: int, prefix: str = "") -> str:
+  """The command-line override that resumes from ``step``. Library code does not know which
+  CLI called it, so it names the key in the config-override form ``train.py`` accepts;
+  a CLI whose training config sits deeper (the recipe's ``config.teacher``) re-prefixes it
+  with ``CheckpointCorruptError.with_prefix``."""
+  return f"--config.{prefix + '.' if prefix else ''}checkpoint.step={int(step)}"
+
+
 class CheckpointCorruptError(RuntimeError):
-  """A finalized checkpoint step that cannot be read (files missing / truncated)."""
+  """A finalized checkpoint step that cannot be read (files missing / truncated).
+
+  ``step``: the unreadable step; ``path``: its directory; ``fallback``: the newest other
+  step (None if there is none), which ``step_override(fallback)`` resumes from.
+  """
+
+  def __init__(self, step: int, path: str, cause: str, others: list[int], *,
+               prefix: Optional[str] = ""):
+    self.step, self.path, self.cause, self.others = step, path, cause, list(others)
+    self.fallback = others[-1] if others else None
+    self.prefix = prefix
+    if prefix is None:  # this CLI has no single override for it: only the delete hint
+      hint = ""
+    elif self.fallback is not None:
+      hint = (f"resume from an older step: rerun the same command with "
+              f"{step_override(self.fallback, prefix)} appended (available: {others}), or ")
+    else:
+      hint = "there is no other checkpoint step to fall back to; "
+    super().__init__(
+        f"checkpoint step {step} at {path} could not be read -- it is corrupt or incomplete "
+        f"({cause}). Either {hint}delete it (rm -r {path}) and rerun.")
+
+  def with_prefix(self, prefix: Optional[str]) -> "CheckpointCorruptError":
+    """The same error, its hint naming the key under config section ``prefix`` (e.g.
+    ``--config.teacher.checkpoint.step=N`` for a recipe stage; None: no override hint)."""
+    return CheckpointCorruptError(self.step, self.path, self.cause, self.others, prefix=prefix)
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (disk full, no permission, ...). Older steps are
+  untouched (a save is atomic: the step directory appears only once complete)."""
+
+  def __init__(self, step: Optional[int], path: str, error: BaseException):
+    self.step, self.path, self.error = step, path, error
+    what = f"step {step}" if step is not None else "a step"
+    hint = ""
+    if isinstance(error, OSError) and error.errno is not None:
+      hint = f" [errno {error.errno} {errno.errorcode.get(error.errno, '?')}]"
+    super().__init__(
+        f"saving checkpoint {what} to {path} failed: {type(error).__name__}: "
+        f"{_first_line(error)}{hint}. Older checkpoints in {os.path.dirname(path)} are "
+        "intact; free space / fix permissions there, then rerun the same command (it "
+        "resumes from the newest complete step).")
 
 
 class CheckpointMismatchError(ValueError):
@@ -60,6 +112,13 @@ class CheckpointMismatchError(ValueError):
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _first_line(e: BaseException) -> str:
+  first = (str(e).strip().splitlines() or [""])[0]
+  for noise in (" See full TensorStore details", " [tensorstore_spec"):  # huge JSON specs
+    first = first.split(noise)[0]
+  return first[:300]
 
 
 def _is_typed_key(x) -> bool:
@@ -134,6 +193,7 @@ class Checkpointer:
         options=options,
     )
     self._in_flight: Optional[int] = None  # step of the async save not yet known finalized
+    self._failed = False  # a save error was raised already (close() does not raise it again)
     self._closed = False
 
   # -- queries
@@ -177,6 +237,9 @@ class Checkpointer:
       log.info("checkpoint step %d already exists in %s; not saving again", step, self.directory)
       return False
     _reject_typed_keys(state, "checkpoint state")
+    # A previous async save's error surfaces here at the latest (orbax re-raises it at the
+    # next save or wait): name that step, not this one.
+    self.wait()
     items = {STATE_ITEM: ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -184,6 +247,9 @@ class Checkpointer:
       started = self._mgr.save(step, args=ocp.args.Composite(**items), force=True)
     except ocp.checkpoint_manager.StepAlreadyExistsError:
       return False
+    except Exception as e:  # noqa: BLE001 -- OSError (ENOSPC, EACCES), tensorstore errors
+      self._failed = True
+      raise CheckpointSaveError(step, os.fspath(self.step_dir(step)), e) from e
     if started:
       self._in_flight = step if self.async_save else None
       log.info("checkpoint step %d %s to %s", step,
@@ -191,9 +257,15 @@ class Checkpointer:
     return bool(started)
 
   def wait(self) -> None:
-    """Block until any async save has been finalized (renamed into place)."""
-    self._mgr.wait_until_finished()
-    self._in_flight = None
+    """Block until any async save has been finalized (renamed into place); a failed
+    background write raises ``CheckpointSaveError`` here."""
+    step, self._in_flight = self._in_flight, None
+    try:
+      self._mgr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 -- the background write's error, with context
+      self._failed = True
+      path = os.fspath(self.step_dir(step) if step is not None else self.directory)
+      raise CheckpointSaveError(step, path, e) from e
 
   # -- restore
 
@@ -235,18 +307,31 @@ class Checkpointer:
     log.info("restored checkpoint step %d from %s", step, self.directory)
     return restored[STATE_ITEM]
 
+  def set_aside(self, steps: list[int], reason: str) -> list[str]:
+    """Rename finalized ``steps`` to ``<step>.<reason>`` (kept on disk, no longer steps):
+    after resuming from an older step, the newer ones would otherwise block saving those
+    step numbers again (a step is never overwritten) and be resumed from next time.
+    Process 0 renames; every process must call this."""
+    self._check_open()
+    self.wait()
+    moved = []
+    for step in steps:
+      src = self.step_dir(step)
+      dst = src.parent / f"{src.name}.{reason}"
+      if jax.process_index() == 0 and src.exists():
+        src.rename(dst)
+      moved.append(os.fspath(dst))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("gptjax_checkpoint_set_aside")
+    self._mgr.reload()
+    for dst in moved:
+      log.warning("checkpoint moved aside (not resumed from again): %s", dst)
+    return moved
+
   def _corrupt(self, step: int, available: list[int], e: BaseException) -> CheckpointCorruptError:
-    first = (str(e).strip().splitlines() or [""])[0]
-    for noise in (" See full TensorStore details", " [tensorstore_spec"):  # huge JSON specs
-      first = first.split(noise)[0]
-    first = first[:300]
-    others = [s for s in available if s != step]
-    hint = (f"restore an older step with --checkpoint.step={others[-1]} (available: {others})"
-            if others else "there is no other checkpoint step to fall back to")
-    return CheckpointCorruptError(
-        f"checkpoint step {step} at {self.step_dir(step)} could not be read -- it is corrupt or "
-        f"incomplete ({type(e).__name__}: {first}). Either {hint}, or delete "
-        f"{self.step_dir(step)} and restart.")
+    others = [s for s in available if s < step] or [s for s in available if s != step]
+    return CheckpointCorruptError(step, os.fspath(self.step_dir(step)),
+                                  f"{type(e).__name__}: {_first_line(e)}", others)
 
   def _check_matches(self, step: int, abstract_state, available: list[int]) -> None:
     """Compare the on-disk tree metadata with the target before reading any array."""
@@ -295,7 +380,13 @@ class Checkpointer:
     if self._closed:
       return
     try:
-      self.wait()
+      if self._failed:  # already raised once; do not mask what is propagating
+        try:
+          self.wait()
+        except CheckpointSaveError as e:
+          log.warning("%s", e)
+      else:
+        self.wait()
     finally:
       self._mgr.close()
       self._closed = True

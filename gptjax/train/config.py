@@ -9,14 +9,16 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 from typing import Optional
 
 import ml_collections
 
 from gptjax.config import ModelConfig, VisionConfig, preset
-from gptjax.data.tokenizer import TOKENIZERS, make_tokenizer
+from gptjax.data.tokenizers import TOKENIZERS, make_tokenizer
 
 TASKS = ("vqa", "lm")
+NONFINITE_POLICIES = ("stop", "skip")
 # 2: model.max_seq_len counts text tokens only (before: image + text), model.head_dim
 # (before: head_size).
 CONFIG_VERSION = 2
@@ -48,6 +50,23 @@ def shapes_kwargs(**kw) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(d)
 
 
+# Options of the text builders, one ConfigDict for both so that a text config can switch
+# between raw files (data.name='text_files') and pre-tokenised data ('tokens') from the
+# command line; each builder receives only its own keys (gptjax.train.data.load_split).
+TEXT_FILES_KEYS = ("validation_fraction", "document_separator", "split_mode")
+TOKENS_KEYS = ("windows",)
+
+
+def text_kwargs(**kw) -> ml_collections.ConfigDict:
+  """Builder arguments of the text data, all present so each is overridable:
+  ``validation_fraction``, ``document_separator`` ('' = whole files), ``split_mode``
+  ('documents' | 'tail') for ``text_files``; ``windows`` ('random' | 'fixed') for ``tokens``."""
+  d = dict(validation_fraction=0.05, document_separator="", split_mode="documents",
+           windows="random")
+  d.update(kw)
+  return ml_collections.ConfigDict(d)
+
+
 def base_config() -> ml_collections.ConfigDict:
   """The training sections, locked (``gptjax.runs.base_config`` adds compression's)."""
   c = ml_collections.ConfigDict()
@@ -71,11 +90,16 @@ def base_config() -> ml_collections.ConfigDict:
       lr=3e-3, warmup_steps=50, end_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
       weight_decay=0.05, clip_norm=1.0, accum_steps=1))
   c.train = ml_collections.ConfigDict(dict(
-      steps=500, batch_size=32, log_every=10))
+      steps=500, batch_size=32, log_every=10,
+      # A step with a non-finite loss / gradient norm never updates the params. 'stop':
+      # the run raises NonFiniteError (no checkpoint of that state); 'skip': train on, up
+      # to max_skipped such steps in a row.
+      nonfinite="stop", max_skipped=10))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every=200, keep=3, async_save=True,
-      step=ml_collections.config_dict.placeholder(int)))  # resume from this step (default latest)
+      step=ml_collections.config_dict.placeholder(int),  # resume from this step (default latest)
+      fallback=False))  # True: an unreadable latest step -> resume from the newest readable one
   c.eval = ml_collections.ConfigDict(dict(
       every=250, batch_size=64, max_batches=8,  # loss/perplexity on the eval split
       decode_examples=256,  # greedy-decoded examples for caption / VQA exact match
@@ -89,14 +113,47 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _build(cls, d: dict, section: str, **extra):
+  """``cls(**d, **extra)``, every error naming the config key: a required field left None
+  (``--config.model.dropout=None``) is reported as such instead of failing on a comparison
+  inside ``__post_init__``, and the dataclass's own errors get the key appended."""
+  for f in dataclasses.fields(cls):
+    if f.name in d and d[f.name] is None and f.default is not None:
+      fail(f"{section}.{f.name}", None, "must be set (it has no 'None' setting)")
+  try:
+    return cls(**d, **extra)
+  except (TypeError, ValueError) as e:
+    named = re.search(rf"{cls.__name__}\.(\w+)", str(e))
+    key = f"config.{section}.{named.group(1)}" if named else f"config.{section}"
+    raise type(e)(f"{e} ({key})") from e
+
+
 def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
   """The frozen ``ModelConfig`` (validated by its own ``__post_init__``)."""
   d = c.model.to_dict()
   vision = d.pop("vision")
   if vision is not None:
+    if vision.get("cnn_channels") is None:
+      fail("model.vision.cnn_channels", None, "must be a tuple of channel counts")
     vision["cnn_channels"] = tuple(vision["cnn_channels"])
-    vision = VisionConfig(**vision)
-  return ModelConfig(**d, vision=vision)
+    vision = _build(VisionConfig, vision, "model.vision")
+  return _build(ModelConfig, d, "model", vision=vision)
+
+
+def _number(key: str, v, *, lo=None, hi=None, lo_open=False, hi_open=False,
+            integer=False, none_ok=False) -> None:
+  """``fail`` unless ``v`` is a (finite) number in the range (bools are not numbers here)."""
+  if v is None and none_ok:
+    return
+  kinds = (int,) if integer else (int, float)
+  if isinstance(v, bool) or not isinstance(v, kinds) or v != v or v in (float("inf"),
+                                                                        float("-inf")):
+    fail(key, v, f"must be {'an integer' if integer else 'a finite number'}"
+         f"{' or None' if none_ok else ''}")
+  if lo is not None and (v < lo or (lo_open and v == lo)):
+    fail(key, v, f"must be {'>' if lo_open else '>='} {lo}")
+  if hi is not None and (v > hi or (hi_open and v == hi)):
+    fail(key, v, f"must be {'<' if hi_open else '<='} {hi}")
 
 
 def fail(key: str, value, allowed: str):
@@ -105,12 +162,15 @@ def fail(key: str, value, allowed: str):
 
 
 def tokenizer_for(c: ml_collections.ConfigDict):
-  """The tokenizer a training config names (``data.tokenizer``; runs saved before the key
-  existed used bytes). Use it to encode prompts for a model loaded from a workdir."""
+  """The tokenizer a training config names (``data.tokenizer``: 'byte', 'shapes' or a
+  tokenizer path; runs saved before the key existed used bytes). For a trained workdir use
+  ``gptjax.train.load.load_run_tokenizer`` (the copy saved with the run)."""
   name = c.data.get("tokenizer", "byte")
-  if name not in TOKENIZERS:
-    fail("data.tokenizer", name, f"allowed values are {TOKENIZERS}")
-  return make_tokenizer(name)
+  try:
+    return make_tokenizer(name)
+  except (ValueError, OSError) as e:  # a bad name or path, or an unreadable file
+    fail("data.tokenizer", name, f"allowed values are {TOKENIZERS} or the path of a BPE / "
+         f"SentencePiece tokenizer ({e})")
 
 
 def validate(c: ml_collections.ConfigDict) -> ModelConfig:
@@ -119,7 +179,8 @@ def validate(c: ml_collections.ConfigDict) -> ModelConfig:
   tok = tokenizer_for(c)
   if m.vocab_size < tok.vocab_size:
     fail("model.vocab_size", m.vocab_size,
-          f"must be >= the {c.data.get('tokenizer', 'byte')!r} tokenizer's vocab_size={tok.vocab_size} "
+          f"must be >= the data.tokenizer={c.data.get('tokenizer', 'byte')!r} tokenizer's "
+          f"vocab_size={tok.vocab_size} "
           "(its tokens would index past the embedding table)")
   if c.data.task not in TASKS:
     fail("data.task", c.data.task, f"allowed values are {TASKS}")
@@ -129,11 +190,37 @@ def validate(c: ml_collections.ConfigDict) -> ModelConfig:
     v = c[sec][name]
     if not isinstance(v, int) or v <= 0:
       fail(key, v, "must be a positive integer")
+  policy = c.train.get("nonfinite", "stop")
+  if policy not in NONFINITE_POLICIES:
+    fail("train.nonfinite", policy, f"allowed values are {NONFINITE_POLICIES}")
+  skipped = c.train.get("max_skipped", 10)
+  if not isinstance(skipped, int) or isinstance(skipped, bool) or skipped < 1:
+    fail("train.max_skipped", skipped, "must be a positive integer (consecutive skipped steps)")
   if c.train.batch_size % c.optim.accum_steps:
     fail("train.batch_size", c.train.batch_size,
           f"must be divisible by optim.accum_steps={c.optim.accum_steps}")
-  if not c.optim.lr > 0:
-    fail("optim.lr", c.optim.lr, "must be > 0")
+  o = c.optim
+  _number("optim.lr", o.lr, lo=0, lo_open=True)
+  for key in ("b1", "b2"):
+    _number(f"optim.{key}", o[key], lo=0, hi=1, hi_open=True)
+  _number("optim.eps", o.eps, lo=0, lo_open=True)
+  _number("optim.weight_decay", o.weight_decay, lo=0)
+  _number("optim.end_lr_ratio", o.end_lr_ratio, lo=0)
+  _number("optim.clip_norm", o.clip_norm, lo=0, none_ok=True)  # 0 / None: no clipping
+  _number("optim.warmup_steps", o.warmup_steps, lo=0, integer=True)
+  _number("seed", c.seed, integer=True)
+  for key in ("prompt_len", "target_len", "packed_len", "seq_len"):
+    _number(f"data.{key}", c.data[key], lo=1, integer=True)
+  for key in ("decode_examples", "samples_to_print"):
+    _number(f"eval.{key}", c.eval[key], lo=0, integer=True)
+  _number("eval.every", c.eval.every, integer=True, none_ok=True)  # <= 0 / None: no eval
+  _number("checkpoint.step", c.checkpoint.step, lo=0, integer=True, none_ok=True)
+  for key in ("data", "fsdp", "tensor"):
+    _number(f"mesh.{key}", c.mesh[key], lo=-1, integer=True)
+    if c.mesh[key] == 0:
+      fail(f"mesh.{key}", 0, "must be >= 1, or -1 (the devices the other two axes leave)")
+  if [c.mesh[k] for k in ("data", "fsdp", "tensor")].count(-1) > 1:
+    fail("mesh", c.mesh.to_dict(), "at most one of data / fsdp / tensor may be -1")
   if c.data.pack:
     if c.data.task != "vqa":
       fail("data.pack", True, "packing applies to data.task='vqa' ('lm' windows are already full)")
@@ -153,7 +240,8 @@ def validate(c: ml_collections.ConfigDict) -> ModelConfig:
            f"({m.num_image_tokens}) come on top")
   else:
     if c.data.seq_len > m.max_seq_len:
-      fail("data.seq_len", c.data.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
+      fail("data.seq_len", c.data.seq_len, f"must be <= model.max_seq_len={m.max_seq_len} "
+           "(data.task='lm' trains on windows of data.seq_len tokens)")
   return m
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from gptjax.data.datasets import load_source
 from gptjax.data.pipeline import Pipeline, make_pipeline
-from gptjax.train.config import tokenizer_for
+from gptjax.train.config import TEXT_FILES_KEYS, TOKENS_KEYS, tokenizer_for
 
 
 def load_split(c, split: str):
@@ -15,12 +15,20 @@ def load_split(c, split: str):
   random-access source."""
   d = c.data
   kwargs = dict(d.builder_kwargs.to_dict()) if d.builder_kwargs else {}
+  own = {"text_files": TEXT_FILES_KEYS, "tokens": TOKENS_KEYS}.get(d.name)
+  if own is not None:  # the shared text options: each builder takes its own keys
+    kwargs = {k: v for k, v in kwargs.items() if k in own}
   if d.name == "text_files":
     if not d.paths:
       raise ValueError("config.data.paths is empty: data.name='text_files' needs files, globs "
                        "or directories (e.g. --config.data.paths='(\"notes/*.txt\",)')")
     kwargs["paths"] = list(d.paths)
-  return load_source(d.name, split, data_dir=d.data_dir, **kwargs)
+  if d.name == "tokens":
+    kwargs["paths"] = list(d.paths)
+  source = load_source(d.name, split, data_dir=d.data_dir, **kwargs)
+  if d.name == "tokens":
+    source.check_tokenizer(tokenizer_for(c))
+  return source
 
 
 def pipeline_for(c, source, *, train: bool, batch_size: int, seed_offset: int = 0) -> Pipeline:

@@ -17,10 +17,11 @@ from flax import nnx
 
 from gptjax import sharding as shd
 from gptjax.batch import batch_shardings, global_batch, image_to_float, loss_sums, model_batch
-from gptjax.data.tokenizer import ByteTokenizer
+from gptjax.data.tokenizers import ByteTokenizer
 from gptjax.generate import generate
 from gptjax.train.config import tokenizer_for
 from gptjax.train.data import load_split, pipeline_for
+from gptjax.train.metrics import new_figure
 
 
 def _local_rows(x: jax.Array, sharding) -> np.ndarray:
@@ -88,6 +89,23 @@ def evaluate(model: nnx.Module, c, split: str, *, mesh=None, source=None,
   return out, samples
 
 
+def text_samples(model: nnx.Module, c, split: str, *, source=None, n: int = 3,
+                 prompt_tokens: int = 16, max_new_tokens: int = 64, seed: int = 0) -> list[str]:
+  """``n`` sampled continuations (temperature 0.8, top-k 40) of the first ``prompt_tokens``
+  of ``split``'s first windows, decoded with the run's tokenizer as ``prompt`` + text: what
+  a text LM run prints at the end, as a VQA run prints answers."""
+  tok = tokenizer_for(c)
+  src = source if source is not None else load_split(c, split)
+  batch = next(iter(pipeline_for(c, src, train=False, batch_size=n)), None)
+  if batch is None:  # fewer than n windows in the split
+    return []
+  prompt = np.asarray(batch["inputs"])[:, :prompt_tokens]
+  room = c.model.max_seq_len - prompt_tokens if c.model.position == "learned" else max_new_tokens
+  out = np.asarray(generate(model, prompt, max(1, min(max_new_tokens, room)), temperature=0.8,
+                            top_k=min(40, tok.vocab_size), seed=seed, stop_token=tok.eos_id))
+  return [tok.decode(p, stop_at_eos=False) + " ▸ " + tok.decode(o) for p, o in zip(prompt, out)]
+
+
 @dataclasses.dataclass
 class Sample:
   prompt: str
@@ -140,16 +158,18 @@ def decode_accuracy(model: nnx.Module, batches: Iterable[dict], shardings: dict,
 
 
 def save_samples_png(samples: list[Sample], path: str, n: int = 8) -> Optional[str]:
-  """A grid of held-out images with the model's text under the reference text."""
+  """A grid of held-out images with the model's text under the reference text; None (after
+one warning naming the extra) without matplotlib."""
   shown = [s for s in samples if s.image is not None][:n]
   if not shown or jax.process_index() != 0:
     return None
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   cols = min(4, len(shown))
   rows = math.ceil(len(shown) / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.6 * rows), squeeze=False)
+  try:
+    fig = new_figure(figsize=(3.4 * cols, 3.6 * rows))
+  except ImportError:
+    return None
+  axes = fig.subplots(rows, cols, squeeze=False)
   for ax in axes.flat:
     ax.axis("off")
   for ax, s in zip(axes.flat, shown):
@@ -158,5 +178,4 @@ def save_samples_png(samples: list[Sample], path: str, n: int = 8) -> Optional[s
     ax.set_title(f"{s.prompt}\npred: {s.prediction}\ntrue: {s.truth} [{ok}]", fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path

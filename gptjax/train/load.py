@@ -16,18 +16,32 @@ from flax import nnx
 from gptjax import sharding as shd
 from gptjax.config import VisionConfig
 from gptjax.train.checkpoint import Checkpointer
-from gptjax.train.config import CONFIG_VERSION, validate
+from gptjax.data.tokenizers import load_tokenizer, save_tokenizer
+from gptjax.train.config import CONFIG_VERSION, tokenizer_for, validate
 from gptjax.train.hooks import RunHooks
 from gptjax.train.optim import make_optimizer
 from gptjax.train.state import abstract_train_state, create_train_state
 
 CONFIG_FILE = "config.json"
+TOKENIZER_DIR = "tokenizer"
 
 
 def save_run_config(c: ml_collections.ConfigDict, logdir: str) -> None:
+  """``config.json`` and a copy of the run's tokenizer (``tokenizer/``) into ``logdir``, so
+  the workdir alone rebuilds the model and encodes prompts as training did."""
   if jax.process_index() == 0:
     with open(os.path.join(logdir, CONFIG_FILE), "w") as f:
       f.write(c.to_json_best_effort(indent=2, sort_keys=True))
+    save_tokenizer(tokenizer_for(c), os.path.join(logdir, TOKENIZER_DIR))
+
+
+def load_run_tokenizer(workdir: str, config: Optional[ml_collections.ConfigDict] = None):
+  """The tokenizer a workdir's run trained with: its saved copy, else (runs saved before
+  copies were kept) the one its config names."""
+  saved = os.path.join(workdir, TOKENIZER_DIR)
+  if os.path.isdir(saved):
+    return load_tokenizer(saved)
+  return tokenizer_for(config or load_run_config(workdir))
 
 
 def _migrate(d: dict) -> dict:

@@ -12,13 +12,16 @@ import numpy as np
 from flax import nnx
 
 from gptjax import sharding as shd
-from gptjax.batch import MODEL_KEYS, batch_shardings, global_batch
+from gptjax.batch import MODEL_KEYS, batch_shardings, check_batch, global_batch
 from gptjax.train import evaluate as ev
-from gptjax.train.checkpoint import Checkpointer
+from gptjax.train.checkpoint import Checkpointer, CheckpointCorruptError, CheckpointSaveError
 from gptjax.train.config import eval_every, validate
 from gptjax.train.data import load_split, pipeline_for
+from gptjax.train.guard import NonFiniteError, NonFiniteGuard
 from gptjax.train.hooks import RunHooks
 from gptjax.train.load import save_run_config
+from gptjax.train.lock import (WorkdirLockedError, WorkdirNotWritableError, acquire,
+                               check_writable, not_writable)
 from gptjax.train.metrics import MetricsLogger, plot_losses
 from gptjax.train.optim import make_optimizer, schedule
 from gptjax.train.preemption import PreemptionWatcher
@@ -26,6 +29,11 @@ from gptjax.train.state import abstract_train_state, create_train_state
 from gptjax.train.step import jit_train_step, make_train_step
 
 log = logging.getLogger("gptjax")
+
+# Failures whose message says how to recover: a CLI prints the message and exits 1, with no
+# traceback (train.py, the recipe).
+RUN_ERRORS = (NonFiniteError, CheckpointCorruptError, CheckpointSaveError,
+              WorkdirLockedError, WorkdirNotWritableError)
 
 
 class _Progress:
@@ -63,8 +71,23 @@ def resolve_dirs(workdir: str) -> tuple[str, str]:
     logdir = os.path.join("runs", workdir.rstrip("/").rsplit("/", 1)[-1])
   else:
     workdir = logdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(logdir, exist_ok=True)
+  try:
+    os.makedirs(logdir, exist_ok=True)
+  except OSError as e:
+    raise not_writable(logdir, e) from e
   return workdir, logdir
+
+
+def _prepare_workdir(workdir: str, logdir: str) -> None:
+  """Fail before any training if the run could not write its logs or checkpoints (a probe
+  file in each directory; the checkpoints directory itself is created later, by the first
+  Checkpointer, so that a run failing on its config leaves none behind)."""
+  check_writable(logdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if "://" not in workdir and os.path.isdir(ckpt_dir):
+    check_writable(ckpt_dir)
+  elif "://" not in workdir and os.path.exists(ckpt_dir):
+    raise not_writable(ckpt_dir, NotADirectoryError(20, "exists and is not a directory"))
 
 
 def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
@@ -75,11 +98,26 @@ def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
   composes those from the config.
 
   Returns a summary dict: final step, last train loss, final eval/test metrics,
-  ``preempted`` (True if SIGTERM stopped the run after saving).
+  ``preempted`` (True if SIGTERM stopped the run after saving), ``skipped_steps`` (steps
+  with a non-finite loss / gradient norm, not applied; ``train.nonfinite='skip'``).
+
+  Failures raise named errors before any training where possible: ``WorkdirLockedError``
+  (another run holds ``<workdir>/.gptjax.lock``), ``WorkdirNotWritableError``,
+  ``CheckpointCorruptError``; during training ``NonFiniteError`` and
+  ``CheckpointSaveError``. Each message says how to recover.
   """
   shd.maybe_initialize_distributed()
   mcfg = validate(c)
   workdir, logdir = resolve_dirs(workdir)
+  _prepare_workdir(workdir, logdir)
+  lock = acquire(workdir)  # before anything is written: one run per workdir
+  try:
+    return _run(c, mcfg, workdir, logdir, hooks)
+  finally:
+    lock.release()
+
+
+def _run(c, mcfg, workdir: str, logdir: str, hooks: Optional[RunHooks]) -> dict:
   save_run_config(c, logdir)
   mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
   shardings = batch_shardings(mesh)
@@ -98,13 +136,13 @@ def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.every,
                       keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(abstract_train_state(state, state_sh), train_data.iterator,
-                         step=c.checkpoint.step)
+    state = _resume(c, ckpt, abstract_train_state(state, state_sh), train_data.iterator)
     log.info("resumed from step %d in %s", int(state.step), workdir)
 
   # The step's input shardings must mirror the batch exactly: text-only (lm) batches have
   # no image, padded/packed ones carry segment ids; take the keys from the first batch.
   first_batch = next(train_data)
+  check_batch(first_batch, mcfg)  # named errors, not XLA shape errors at compile time
   train_shardings = {k: shardings[k] for k in MODEL_KEYS if k in first_batch}
   train_step = jit_train_step(
       make_train_step(graphdef, rest, tx, accum_steps=c.optim.accum_steps, loss_fn=hooks.loss_fn),
@@ -131,6 +169,12 @@ def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
   tokens_per_step = None
   last_log_time, last_log_step = time.perf_counter(), step
   last_saved = ckpt.latest_step()
+  guard = NonFiniteGuard(c, os.path.join(workdir, "checkpoints"))
+
+  def save(step_: int, force: bool = False) -> None:
+    guard.check(step_, ckpt.latest_step)  # never save a diverged run (a scalar fetch)
+    ckpt.save(step_, state, train_data.iterator, force=force)
+
   try:
     while step < c.train.steps:
       local = first_batch if first_batch is not None else next(train_data)
@@ -140,8 +184,10 @@ def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
         tokens_per_step = int(np.prod(batch["inputs"].shape))
       state, metrics = train_step(state, batch, *step_args)
       step += 1
+      guard.observe(step, metrics)  # async, on device
       if step % c.train.log_every == 0 or step == c.train.steps:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}  # the only host sync
+        fetched, g = jax.device_get((metrics, guard.counters))  # the only host sync
+        m = {k: float(v) for k, v in fetched.items()}
         now = time.perf_counter()
         dt = (now - last_log_time) / max(step - last_log_step, 1)
         last_log_time, last_log_step = now, step
@@ -153,6 +199,7 @@ def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
         progress.update_to(step, {
             "loss": f"{m['loss']:.4f}", "tok/s": f"{m['tokens_per_s']:,.0f}",
             "step": f"{dt * 1e3:.0f}ms"})
+        guard.check(step, ckpt.latest_step, g)
       every = eval_every(c)
       if every and step % every == 0 and step < c.train.steps:
         out, _ = evaluate(c.data.eval_split)
@@ -160,18 +207,19 @@ def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
         progress.write(f"step {step}: eval " + _fmt(out))
         last_log_time = time.perf_counter()  # keep eval time out of the step-time figure
       if ckpt.should_save(step):
-        ckpt.save(step, state, train_data.iterator)
+        save(step)
         last_saved = step
       if watcher.should_stop(step):
-        ckpt.save(step, state, train_data.iterator, force=True)
+        save(step, force=True)
         ckpt.wait()
         progress.write(f"preempted (SIGTERM): saved step {step}, exiting")
         summary.update(preempted=True, step=step)
         return summary
+    guard.check(step, ckpt.latest_step)
     if last_saved != step:
-      ckpt.save(step, state, train_data.iterator, force=True)
+      save(step, force=True)
     ckpt.wait()
-    summary["step"] = step
+    summary.update(step=step, skipped_steps=guard.total)
     for split, key in ((c.data.eval_split, "eval"), (c.data.test_split, "test")):
       if not split or not c.eval.at_end:
         continue
@@ -183,6 +231,12 @@ def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
       logger.write(step, key, out)
       summary[key] = out
       progress.write(f"final {key} ({split}): " + _fmt(out))
+      if key == "eval" and c.data.task == "lm" and c.eval.samples_to_print > 0 \
+          and jax.process_count() == 1:
+        model = hooks.eval_model(nnx.merge(graphdef, state.params, rest))
+        for text in ev.text_samples(model, c, split, source=sources[split],
+                                    n=min(c.eval.samples_to_print, 3)):
+          progress.write(f"  sample: {text!r}")
       if key == "test" and samples:
         for s in samples[: c.eval.samples_to_print]:
           progress.write(f"  {s.prompt!r:42} -> {s.prediction!r}   (truth {s.truth!r})")
@@ -199,6 +253,35 @@ def run(c, workdir: str, hooks: Optional[RunHooks] = None) -> dict:
     progress.close()
     logger.close()
     ckpt.close()
+
+
+def _resume(c, ckpt: Checkpointer, abstract, iterator):
+  """The restored train state: ``checkpoint.step`` if set, else the latest step (or, with
+  ``checkpoint.fallback``, the newest readable one). Steps newer than the one resumed from
+  are moved aside (``<step>.superseded``), since training on from there writes those step
+  numbers again and a later rerun must resume from the new ones."""
+  step = c.checkpoint.step
+  if step is None and c.checkpoint.get("fallback", False):
+    skipped, errors = [], []
+    for candidate in reversed(ckpt.all_steps()):
+      try:
+        state = ckpt.restore(abstract, iterator, step=candidate)
+        break
+      except CheckpointCorruptError as e:
+        log.warning("checkpoint.fallback: step %d is unreadable: %s", candidate, e)
+        skipped.append(candidate)
+        errors.append(e)
+    else:  # none reads: the newest one's error (its message says what else to do)
+      raise errors[0]
+    if skipped:
+      log.warning("checkpoint.fallback: skipped unreadable step(s) %s, resumed from step %d",
+                  skipped, int(state.step))
+  else:
+    state = ckpt.restore(abstract, iterator, step=step)
+  newer = [s for s in ckpt.all_steps() if s > int(state.step)]
+  if newer:
+    ckpt.set_aside(newer, "superseded")
+  return state
 
 
 def _fmt(d: dict) -> str:

@@ -1,13 +1,58 @@
 """Metrics out of the loop: JSONL (always), TensorBoard event files (tensorboardX, no
-TensorFlow) and a PNG of the loss curves at the end. Process 0 writes; others no-op."""
+TensorFlow) and a PNG of the loss curves at the end. Process 0 writes; others no-op.
+
+TensorBoard files and the PNGs need the ``train`` extra (tensorboardX, matplotlib). Without
+it a run trains, evaluates and writes metrics.jsonl all the same, and says once which extra
+adds the rest (``warn_missing_extra``).
+"""
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import math
 import os
 from typing import Mapping, Optional
 
 import jax
+
+TRAIN_EXTRA = "pip install 'gptjax[train]'"
+# What each module of the 'train' extra adds to a run.
+_TRAIN_EXTRA_MODULES = {"tensorboardX": "TensorBoard logs", "matplotlib": "PNG plots"}
+_warned = False
+
+
+def _importable(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except (ImportError, ValueError):
+    return False
+
+
+def warn_missing_extra() -> None:
+  """One warning line per process, the first time a part of the ``train`` extra is found
+  missing: which modules, what the run goes without, and the pip command."""
+  global _warned
+  if _warned:
+    return
+  _warned = True
+  missing = [m for m in _TRAIN_EXTRA_MODULES if not _importable(m)] or ["a plotting module"]
+  lost = ", ".join(_TRAIN_EXTRA_MODULES.get(m, "plots") for m in missing)
+  logging.getLogger("gptjax").warning(
+      "%s not installed: this run writes no %s (training and metrics.jsonl are unaffected); "
+      "add them with: %s", ", ".join(missing), lost, TRAIN_EXTRA)
+
+
+def new_figure(**kwargs):
+  """A matplotlib Figure without pyplot: no global backend is selected or changed (a
+  notebook keeps its inline backend), and it works headless. Raises ImportError (after the
+  one warning) when matplotlib is not installed."""
+  try:
+    from matplotlib.figure import Figure
+  except ImportError:
+    warn_missing_extra()
+    raise
+  return Figure(**kwargs)
 
 
 class MetricsLogger:
@@ -23,6 +68,7 @@ class MetricsLogger:
           from tensorboardX import SummaryWriter
           self.tb = SummaryWriter(os.path.join(workdir, "tb"))
         except ImportError:  # optional extra: JSONL still has everything
+          warn_missing_extra()
           self.tb = None
 
   def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
@@ -50,15 +96,16 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def plot_losses(workdir: str, out: Optional[str] = None) -> Optional[str]:
-  """loss_curves.png: train loss (and eval loss / accuracies if logged) against step."""
+  """loss_curves.png: train loss (and eval loss / accuracies if logged) against step; None
+(after one warning naming the extra) without matplotlib."""
   rows = read_metrics(workdir)
   if not rows or jax.process_index() != 0:
     return None
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+  try:
+    fig = new_figure(figsize=(11, 4))
+  except ImportError:
+    return None
+  ax, ax2 = fig.subplots(1, 2)
   for split, style in (("train", "-"), ("eval", "o-")):
     pts = [(r["step"], r["loss"]) for r in rows if r["split"] == split and "loss" in r
            and math.isfinite(r["loss"])]
@@ -77,7 +124,6 @@ def plot_losses(workdir: str, out: Optional[str] = None) -> Optional[str]:
   fig.tight_layout()
   out = out or os.path.join(workdir, "loss_curves.png")
   fig.savefig(out, dpi=110)
-  plt.close(fig)
   return out
 
 

@@ -26,6 +26,10 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, accum_s
   is the step's optional third argument, passed through unchanged (e.g. the frozen teacher's
   parameters for distillation, so they are a jit argument with their own shardings rather
   than constants baked into the program).
+
+  Non-finite guard: when the loss or the gradient norm is not finite the update is a no-op
+  (params and optimizer state unchanged, ``state.step`` still + 1) and
+  ``metrics['nonfinite']`` is 1.0 (else 0.0).
   """
   loss_fn = loss_fn or (lambda model, batch, aux: loss_sums(model, batch))
 
@@ -58,10 +62,19 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, accum_s
       (total, count, grads), _ = jax.lax.scan(body, init, (jnp.arange(accum_steps), micro))
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
+    loss, grad_norm = total / denom, optax.tree.norm(grads)
+    # The non-finite guard, on device (no host sync): a step whose loss or gradient norm is
+    # inf/NaN leaves params and optimizer state as they were (the step counter still
+    # advances, so the schedule and the data stay in step); the loop reads `nonfinite` with
+    # the other metrics and applies the config's policy (train.nonfinite).
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": total / denom, "grad_norm": optax.tree.norm(grads),
-               "tokens": count}
+    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+    params = jax.tree.map(keep, params, state.params)
+    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count,
+               "nonfinite": 1.0 - ok.astype(jnp.float32)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step

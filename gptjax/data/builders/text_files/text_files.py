@@ -24,14 +24,13 @@ import dataclasses
 import glob
 import hashlib
 import os
-import re
 from typing import Iterable, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-_BLANK_LINES = re.compile(r"\n[ \t\f\v]*\n")
+SPLIT_MODES = ("documents", "tail")
 
 
 def resolve_paths(patterns: str | os.PathLike | Iterable[str | os.PathLike]) -> tuple[str, ...]:
@@ -62,12 +61,10 @@ def resolve_paths(patterns: str | os.PathLike | Iterable[str | os.PathLike]) -> 
   return tuple(sorted(found))
 
 
-def split_documents(text: str, split_on_blank_lines: bool = True) -> list[str]:
-  """One file's text as documents (see the module docstring)."""
-  text = text.replace("\r\n", "\n").replace("\r", "\n")
-  if not split_on_blank_lines:
-    return [text] if text.strip() else []
-  return [p.strip() for p in _BLANK_LINES.split(text) if p.strip()]
+def split_documents(text: str, document_separator: str = "") -> list[str]:
+  """One file's text as documents, verbatim (see the module docstring)."""
+  pieces = text.split(document_separator) if document_separator else [text]
+  return [p for p in pieces if p]
 
 
 def assign_splits(num_docs: int, validation_fraction: float) -> np.ndarray:
@@ -91,21 +88,25 @@ class TextFilesConfig(tfds.core.BuilderConfig):
 
   paths: tuple[str, ...] = ()
   validation_fraction: float = 0.05
-  split_on_blank_lines: bool = True
+  document_separator: str = ""
+  split_mode: str = "documents"
 
   @classmethod
-  def make(
-      cls,
-      patterns,
-      validation_fraction: float = 0.05,
-      split_on_blank_lines: bool = True,
-  ) -> "TextFilesConfig":
+  def make(cls, patterns, validation_fraction: float = 0.05, document_separator: str = "",
+           split_mode: str = "documents") -> "TextFilesConfig":
     """Resolves ``patterns`` now and names the config by a fingerprint of the file set."""
     if not 0.0 <= validation_fraction < 1.0:
-      raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+      raise ValueError(f"text_files validation_fraction={validation_fraction!r} is invalid: "
+                       "must be in [0, 1)")
+    if not isinstance(document_separator, str):
+      raise ValueError(f"text_files document_separator={document_separator!r} is invalid: "
+                       "must be a string ('' keeps every file whole)")
+    if split_mode not in SPLIT_MODES:
+      raise ValueError(f"text_files split_mode={split_mode!r} is invalid: allowed values are "
+                       f"{SPLIT_MODES}")
     paths = resolve_paths(patterns)
     h = hashlib.sha256()
-    h.update(repr((float(validation_fraction), bool(split_on_blank_lines))).encode())
+    h.update(repr((float(validation_fraction), document_separator, split_mode)).encode())
     for p in paths:
       st = os.stat(p)
       h.update(f"\0{p}\0{st.st_size}\0{st.st_mtime_ns}".encode())
@@ -115,15 +116,18 @@ class TextFilesConfig(tfds.core.BuilderConfig):
         description=f"{len(paths)} file(s): {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}",
         paths=paths,
         validation_fraction=float(validation_fraction),
-        split_on_blank_lines=bool(split_on_blank_lines),
+        document_separator=document_separator,
+        split_mode=split_mode,
     )
 
 
 class TextFiles(tfds.core.GeneratorBasedBuilder):
   """Documents from local text files; needs a ``TextFilesConfig`` (no default config)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "2.0.0": "Verbatim text: whole files (or document_separator), no stripping, "
+                            "no newline normalisation; split_mode 'tail'."}
 
   # Why: TFDS's default ``code_path`` probes ``importlib_resources`` (a package that is not a
   # dependency) for builders defined in packages, and fails without it. The file is enough.
@@ -152,13 +156,20 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
     docs = []
     for path in c.paths:
       try:
-        with open(path, encoding="utf-8") as f:
+        # newline="": the characters as they are on disk (CRLF stays CRLF).
+        with open(path, encoding="utf-8", newline="") as f:
           text = f.read()
       except UnicodeDecodeError as e:
         raise ValueError(f"text_files: {path} is not valid UTF-8: {e}") from e
-      docs.extend((path, d) for d in split_documents(text, c.split_on_blank_lines))
+      docs.extend((path, d) for d in split_documents(text, c.document_separator))
     if not docs:
       raise ValueError(f"text_files: no non-empty document in {list(c.paths)!r}")
+    if c.split_mode == "tail":
+      cut = [len(d) - int(round(len(d) * c.validation_fraction)) for _, d in docs]
+      parts = {"train": [(p, d[:k]) for (p, d), k in zip(docs, cut)],
+               "validation": [(p, d[k:]) for (p, d), k in zip(docs, cut)]}
+      return {name: self._generate_examples(ds, [i for i, (_, d) in enumerate(ds) if d])
+              for name, ds in parts.items() if any(d for _, d in ds)}
     is_val = assign_splits(len(docs), c.validation_fraction)
     splits = {"train": np.flatnonzero(~is_val), "validation": np.flatnonzero(is_val)}
     # TFDS refuses to write an empty split, so one with no document is left out.
@@ -175,10 +186,11 @@ def text_files_builder(
     data_dir: str | os.PathLike | None = None,
     *,
     validation_fraction: float = 0.05,
-    split_on_blank_lines: bool = True,
+    document_separator: str = "",
+    split_mode: str = "documents",
 ) -> TextFiles:
   """The builder (not prepared) for the files named by ``paths`` (paths/globs/dirs)."""
-  config = TextFilesConfig.make(paths, validation_fraction, split_on_blank_lines)
+  config = TextFilesConfig.make(paths, validation_fraction, document_separator, split_mode)
   return TextFiles(
       config=config,
       data_dir=None if data_dir is None else os.fspath(data_dir),
@@ -195,7 +207,8 @@ def load_text_files(
   """Prepares (once per file-set fingerprint) and returns ``as_data_source(split)``.
 
   Records are dicts with ``text`` and ``source`` as ``bytes`` and ``doc_index``; stored
-  order is shuffled by key. ``kwargs``: ``validation_fraction``, ``split_on_blank_lines``.
+  order is shuffled by key. ``kwargs``: ``validation_fraction``, ``document_separator``,
+  ``split_mode`` (see the module docstring).
   """
   builder = text_files_builder(paths, data_dir, **kwargs)
   builder.download_and_prepare()

@@ -2,8 +2,8 @@
 
 Every UTF-8 string round-trips and nothing needs downloading, which is what the built-in
 datasets and tests want. Id layout: bytes 0..255 map to ids 0..255; the specials follow.
-A sentencepiece tokenizer can later implement the same small interface
-(``encode``, ``decode``, ``vocab_size``, ``pad_id``, ``bos_id``, ``eos_id``, ``sep_id``).
+Every tokenizer (``bpe``, ``spm``) implements the same small interface: ``encode``,
+``decode``, ``vocab_size``, ``pad_id``, ``bos_id``, ``eos_id``, ``sep_id``.
 
 ``WordTokenizer`` adds whole-word tokens from a fixed word list on top of the bytes (any
 other text still falls back to bytes, so every string round-trips). For a closed-vocabulary
@@ -17,10 +17,21 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from gptjax.data.builders.shapes.shapes import vocabulary as shapes_vocabulary
-
 NUM_BYTES = 256
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<sep>")
+
+
+def text_ids(ids, *, eos_id: int, specials, vocab_size: int, stop_at_eos: bool) -> list[int]:
+  """The ids of ``ids`` that stand for text: up to the first ``eos_id`` (when
+  ``stop_at_eos``), without special ids or ids past the vocabulary (a model may emit them)."""
+  out = []
+  for i in np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids).reshape(-1):
+    i = int(i)
+    if i == eos_id and stop_at_eos:
+      break
+    if i not in specials and 0 <= i < vocab_size:
+      out.append(i)
+  return out
 
 
 class ByteTokenizer:
@@ -128,16 +139,3 @@ class WordTokenizer(ByteTokenizer):
     if i >= self._base:
       return self.pieces[i - self._base]
     return super().token_name(i)
-
-
-TOKENIZERS = ("byte", "shapes")
-
-
-def make_tokenizer(name: str = "byte") -> ByteTokenizer:
-  """``byte``: UTF-8 bytes; ``shapes``: bytes + the words of the built-in ``shapes`` data."""
-  if name == "byte":
-    return ByteTokenizer()
-  if name == "shapes":
-    return WordTokenizer(shapes_vocabulary())
-  raise ValueError(f"tokenizer {name!r} is invalid: allowed values are "
-                   f"{', '.join(map(repr, TOKENIZERS))}")
