@@ -26,7 +26,9 @@ Preemption (SIGTERM -> save and stop) is ``gptjax.train.preemption``.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import logging
 import os
 from typing import Any, Optional
@@ -161,31 +163,18 @@ def abstract_like(state, shardings=None):
 
 # ----------------------------------------------------------------------------- Checkpointer
 
-# Orbax by default splits the saving of every replicated array across its replicas, which
-# runs one small slice program per array shape *and device*; each is compiled on first use.
-# Measured for a tiny VLM's first save on 8 (CPU) devices: ~200 such compiles, 34 s. A split
-# only pays off for big arrays, so arrays whose per-replica slice would be under this size
-# are written from one replica (same files on disk; orbax already skips the split on GPU).
-MIN_REPLICA_SLICE_BYTES = 4 << 20
-_array_handler_registered = False
-
-
+# Orbax splits the saving of every replicated array across its replicas: one small slice
+# program per array shape *and device*, each compiled on first use (a tiny VLM's first save
+# on 8 CPU devices: ~200 compiles, 34 s). Below 4 MiB per replica slice one replica writes
+# it (same files; orbax already skips the split on GPU). Old orbax without the option: as is.
+@functools.cache
 def _register_array_handler() -> None:
-  global _array_handler_registered
-  if _array_handler_registered:
-    return
-  current = ocp.type_handlers.get_type_handler(jax.Array)
-  try:
-    handler = ocp.type_handlers.ArrayHandler(
-        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
-        # keep orbax's default per-host array metadata (a private attribute: None if renamed)
-        array_metadata_store=getattr(current, "_array_metadata_store", None))
-  except TypeError:  # an orbax without the option: keep its default handler
-    handler = None
-  if handler is not None:
-    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
-  _array_handler_registered = True
-
+  with contextlib.suppress(TypeError):
+    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=4 << 20,  # keep orbax's default metadata store:
+        array_metadata_store=getattr(  # a private attribute (None if it is renamed)
+            ocp.type_handlers.get_type_handler(jax.Array), "_array_metadata_store", None)),
+        override=True)
 
 
 class Checkpointer:
