@@ -64,6 +64,9 @@ def gptjax_run(tokens_dir: str, tokenizer: str, steps: int, workdir: str) -> dic
 def torch_run(tokens_dir: str, steps: int, seed: int = 0) -> dict:
   import torch
   from torch import nn
+
+  sys.path.insert(0, ROOT)
+  from benchmarks.torch_gpt import GPT, adamw, make_train_step, warmup_cosine
   torch.set_num_threads(os.cpu_count() or 1)
   torch.manual_seed(seed)
   s = SHAPE
@@ -73,64 +76,17 @@ def torch_run(tokens_dir: str, steps: int, seed: int = 0) -> dict:
   t0 = time.perf_counter()
   train_ids, val_ids = torch.from_numpy(load("train")), torch.from_numpy(load("validation"))
   V, D, T = meta["vocab_size"], s["width"], s["seq"]
-
-  class Block(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
-      self.attn = nn.MultiheadAttention(D, s["num_heads"], batch_first=True)
-      self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(approximate="tanh"),
-                               nn.Linear(4 * D, D))
-
-    def forward(self, x, mask):
-      h = self.ln1(x)
-      x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
-      return x + self.mlp(self.ln2(x))
-
-  class GPT(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.wte, self.wpe = nn.Embedding(V, D), nn.Embedding(T, D)
-      self.blocks = nn.ModuleList(Block() for _ in range(s["depth"]))
-      self.ln_f = nn.LayerNorm(D)
-      for p in self.parameters():
-        if p.dim() >= 2:
-          nn.init.normal_(p, std=0.02)
-
-    def forward(self, idx):
-      t = idx.shape[1]
-      x = self.wte(idx) + self.wpe(torch.arange(t))
-      mask = torch.triu(torch.full((t, t), float("-inf")), 1)
-      for b in self.blocks:
-        x = b(x, mask)
-      return self.ln_f(x) @ self.wte.weight.T  # tied head
-
-  model = GPT()
-  decay = [p for p in model.parameters() if p.dim() >= 2]
-  other = [p for p in model.parameters() if p.dim() < 2]
-  opt = torch.optim.AdamW([{"params": decay, "weight_decay": s["weight_decay"]},
-                           {"params": other, "weight_decay": 0.0}], lr=s["lr"],
-                          betas=(0.9, 0.95), eps=1e-8)
-
-  def lr_at(step):
-    if step < s["warmup"]:
-      return s["lr"] * step / s["warmup"]
-    frac = (step - s["warmup"]) / max(steps - s["warmup"], 1)
-    end = s["lr"] * s["end_lr_ratio"]
-    return end + 0.5 * (s["lr"] - end) * (1 + math.cos(math.pi * frac))
+  model = GPT(V, T, D, s["depth"], s["num_heads"])
+  opt = adamw(model, s["lr"], s["weight_decay"])
+  lr_at = warmup_cosine(s["lr"], s["warmup"], steps, s["end_lr_ratio"])
+  train_step = make_train_step(model, opt, s["clip"])
 
   gen = torch.Generator().manual_seed(seed)
   for step in range(steps):
     ix = torch.randint(len(train_ids) - T - 1, (s["batch"],), generator=gen)
     x = torch.stack([train_ids[i:i + T] for i in ix])
     y = torch.stack([train_ids[i + 1:i + T + 1] for i in ix])
-    for g in opt.param_groups:
-      g["lr"] = lr_at(step)
-    loss = nn.functional.cross_entropy(model(x).reshape(-1, V), y.reshape(-1))
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), s["clip"])
-    opt.step()
+    train_step(x, y, lr=lr_at(step))
   wall = time.perf_counter() - t0
   model.eval()
   total, count = 0.0, 0

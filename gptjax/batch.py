@@ -13,6 +13,11 @@ A batch is a dict of arrays, rows first:
   positions    (B, T) int32    text positions (restarting in every packed segment)
   prompt       (B, T_p) int32  vqa rows: the left-padded prompt, for greedy decoding
   is_caption   (B,) int32      vqa rows: 1 for a caption task, 0 for a question
+  caption_ids  (B, L) int32    vqa rows, when the contrastive loss is on: the image's caption
+                               as ``caption <eos>`` tokens, right-padded (pad id) to
+                               L = data.target_len — the text tower's input
+  caption_len  (B,) int32      its real tokens; 0 for a row without a caption (an unpacked
+                               question row), which then takes no part in the contrastive loss
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ from gptjax import sharding as shd
 from gptjax.layers.attention import PAD_SEGMENT, SHARED_SEGMENT  # noqa: F401  (re-exported)
 
 # What a train / eval step reads (the rest stays on the host).
-MODEL_KEYS = ("inputs", "targets", "loss_mask", "image", "segment_ids", "positions")
+MODEL_KEYS = ("inputs", "targets", "loss_mask", "image", "segment_ids", "positions",
+              "caption_ids", "caption_len")
 # What greedy decoding of vqa rows reads in addition.
 DECODE_KEYS = ("prompt", "is_caption")
 BATCH_KEYS = MODEL_KEYS + DECODE_KEYS
@@ -114,6 +120,7 @@ def check_batch(batch: Mapping[str, Any], model_config=None) -> None:
       raise ValueError(f"batch['image']: image shape {tuple(x.shape)} (dtype {x.dtype}) is "
                        f"invalid: expected (B, {hwc}) with B={b} rows like batch['inputs'], "
                        "uint8 or float")
+  _check_captions(arrays, b, model_config)
   if model_config is None:
     return
   if t > model_config.max_seq_len:
@@ -129,6 +136,35 @@ def check_batch(batch: Mapping[str, Any], model_config=None) -> None:
     if x.min() < 0 or x.max() >= hi:
       raise ValueError(f"batch[{k!r}] contains values outside [0, {what}={hi}): "
                        f"min={x.min()}, max={x.max()}")
+
+
+def _check_captions(arrays: Mapping[str, Any], b: int, model_config) -> None:
+  """``caption_ids`` (B, L) int and ``caption_len`` (B,) int in [0, L] come together."""
+  ids, lens = arrays.get("caption_ids"), arrays.get("caption_len")
+  if ids is None and lens is None:
+    return
+  if ids is None or lens is None:
+    have, miss = ("caption_ids", "caption_len") if lens is None else ("caption_len",
+                                                                       "caption_ids")
+    raise ValueError(f"batch has {have!r} but not {miss!r}: the contrastive text tower needs "
+                     "both (right-padded caption tokens and their lengths)")
+  if ids.ndim != 2 or ids.shape[0] != b or not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise _bad("caption_ids", ids, f"(B, L) integer token ids with B={b} rows like "
+               "batch['inputs']")
+  if lens.ndim != 1 or lens.shape[0] != b or not jnp.issubdtype(lens.dtype, jnp.integer):
+    raise _bad("caption_len", lens, f"(B,) = ({b},) integer lengths")
+  if model_config is not None and ids.shape[1] > model_config.max_seq_len:
+    raise _bad("caption_ids", ids, f"L <= model.max_seq_len={model_config.max_seq_len}")
+  if _concrete(lens) and lens.size:
+    n = np.asarray(lens)
+    if n.min() < 0 or n.max() > ids.shape[1]:
+      raise ValueError(f"batch['caption_len'] contains values outside [0, L={ids.shape[1]}]: "
+                       f"min={n.min()}, max={n.max()}")
+  if model_config is not None and _concrete(ids) and ids.size:
+    x = np.asarray(ids)
+    if x.min() < 0 or x.max() >= model_config.vocab_size:
+      raise ValueError(f"batch['caption_ids'] contains values outside [0, vocab_size="
+                       f"{model_config.vocab_size}): min={x.min()}, max={x.max()}")
 
 
 def forward(model, batch: Mapping[str, Any], *, return_hidden: bool = False):
@@ -151,6 +187,41 @@ def loss_sums(model, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
   """(sum of masked token cross-entropies, number of masked tokens) on ``batch``."""
   mask = batch["loss_mask"].astype(jnp.float32)
   return jnp.sum(token_losses(forward(model, batch), batch["targets"]) * mask), jnp.sum(mask)
+
+
+def caption_positives(caption_ids: jax.Array, caption_len: jax.Array) -> jax.Array:
+  """(B, B) bool: rows i, j have the same caption (same length, same ids up to it) — the
+  positives of the contrastive loss, so identical captions of different images are never
+  pushed apart as negatives."""
+  real = jnp.arange(caption_ids.shape[1])[None, :] < caption_len[:, None]
+  ids = jnp.where(real, caption_ids, -1)  # padding never decides equality
+  same = jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)
+  return same & (caption_len[:, None] == caption_len[None, :])
+
+
+def contrastive_loss(model, batch: Mapping[str, Any]) -> jax.Array:
+  """The SigLIP loss of a VLM's contrastive head on ``batch`` (its images against its rows'
+  captions; rows with ``caption_len`` 0 take no part)."""
+  if batch.get("caption_ids") is None or batch.get("image") is None:
+    raise ValueError(f"batch has keys {sorted(batch)}: the contrastive loss needs 'image', "
+                     "'caption_ids' and 'caption_len' (the pipeline emits the captions when "
+                     "train.contrastive_weight > 0)")
+  ids, lens = batch["caption_ids"], batch["caption_len"].astype(jnp.int32)
+  x = model.image_embedding(image_to_float(batch["image"]))
+  y = model.text_embedding(ids, lens)
+  return model.contrastive.loss(x, y, caption_positives(ids, lens), valid=lens > 0)
+
+
+def joint_loss_sums(model, batch: Mapping[str, Any], contrastive_weight: float
+                    ) -> tuple[jax.Array, jax.Array, dict]:
+  """LM + ``contrastive_weight`` x contrastive loss, in the (sum, count) form of
+  ``loss_sums``: the contrastive term enters the sum scaled by the token count, so
+  sum / count = mean LM loss + w * contrastive loss. The third element holds the two parts
+  in the same (sum) form, for the step to report as ``lm_loss`` / ``contrastive_loss``."""
+  lm_sum, count = loss_sums(model, batch)
+  closs = contrastive_loss(model, batch)
+  extra = {"lm_loss": lm_sum, "contrastive_loss": closs * count}
+  return lm_sum + contrastive_weight * closs * count, count, extra
 
 
 def batch_shardings(mesh) -> dict:

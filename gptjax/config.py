@@ -15,7 +15,7 @@ NORM_KINDS = ("layernorm", "rmsnorm")
 POSITION_KINDS = ("learned", "rope")
 VISION_KINDS = ("cnn", "vit")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn", "pallas")
 
 
 def _fail(cls: str, field: str, value: Any, allowed: str) -> None:
@@ -158,6 +158,9 @@ class ModelConfig:
   vision: Optional[VisionConfig] = None
   prefix_lm: bool = True  # image tokens attend to each other bidirectionally
   projector_hidden: Optional[int] = None  # vision->text projector MLP width; None = width
+  # > 0: a contrastive (SigLIP) head mapping pooled image tokens and the decoder's pooled
+  # text-only states to unit vectors of this size, for image-text retrieval (VLM only).
+  contrastive_dim: int = 0
 
   def __post_init__(self):
     c = "ModelConfig"
@@ -195,6 +198,13 @@ class ModelConfig:
     if self.vision is not None:
       if not isinstance(self.vision, VisionConfig):
         _fail(c, "vision", self.vision, "must be a VisionConfig or None")
+    if (not isinstance(self.contrastive_dim, int) or isinstance(self.contrastive_dim, bool)
+        or self.contrastive_dim < 0):
+      _fail(c, "contrastive_dim", self.contrastive_dim, "must be an integer >= 0 (0: no "
+            "contrastive head)")
+    if self.contrastive_dim and self.vision is None:
+      _fail(c, "contrastive_dim", self.contrastive_dim, "needs ModelConfig.vision (the "
+            "contrastive head pairs images with texts): set vision or contrastive_dim=0")
 
   @property
   def num_image_tokens(self) -> int:

@@ -3,6 +3,12 @@
 Softmax attention decodes against a KV cache; linear attention against its O(1) recurrent
 state. Greedy, temperature, top-k and top-p (nucleus) sampling; an optional stop token ends
 a row (later positions repeat it) and the loop exits early once every row has stopped.
+
+Two optional constraints on every step's logits, applied before temperature / top-k / top-p:
+``logits_mask`` (V,) bool keeps only the allowed ids (e.g. image codes while drawing), and
+``cfg_scale`` is classifier-free guidance: the batch holds B conditional rows then B
+unconditional ones, each step samples one token per pair from ``u + s * (c - u)`` and feeds
+that same token to both rows, so the output has B rows.
 """
 from __future__ import annotations
 
@@ -41,17 +47,28 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature, greedy: boo
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "max_len", "greedy",
-                                             "top_k", "top_p", "stop_token"))
-def _generate(graphdef, state, tokens, token_mask, image, key, temperature, *, max_new_tokens: int,
-              max_len: int, greedy: bool, top_k, top_p, stop_token):
+                                             "top_k", "top_p", "stop_token", "guided"))
+def _generate(graphdef, state, tokens, token_mask, image, key, temperature, logits_mask=None,
+              cfg_scale=None, *, max_new_tokens: int, max_len: int, greedy: bool, top_k, top_p,
+              stop_token, guided: bool = False):
   model = nnx.merge(graphdef, state)
   model.eval()  # no dropout while sampling
-  b = tokens.shape[0]
-  sample = functools.partial(sample_logits, temperature=temperature, greedy=greedy,
-                             top_k=top_k, top_p=top_p)
+  b = tokens.shape[0] // 2 if guided else tokens.shape[0]  # rows of the output
   fill = 0 if stop_token is None else stop_token
 
-  cache = model.init_cache(b, max_len)
+  def sample(logits, key):
+    if guided:  # (2B, V) -> (B, V): conditional rows first, unconditional after
+      cond, uncond = logits[:b].astype(jnp.float32), logits[b:].astype(jnp.float32)
+      logits = uncond + cfg_scale * (cond - uncond)
+    if logits_mask is not None:
+      logits = jnp.where(logits_mask, logits.astype(jnp.float32), -jnp.inf)
+    return sample_logits(logits, key, temperature=temperature, greedy=greedy, top_k=top_k,
+                         top_p=top_p)
+
+  def feed(tok):  # the token both rows of a guided pair read next
+    return jnp.concatenate([tok, tok]) if guided else tok
+
+  cache = model.init_cache(tokens.shape[0], max_len)
   if image is None:
     logits, cache = model.decode(tokens, cache, token_mask=token_mask)
   else:
@@ -67,7 +84,7 @@ def _generate(graphdef, state, tokens, token_mask, image, key, temperature, *, m
 
   def body(carry):
     i, tok, cache, key, out, done = carry
-    logits, cache = model.decode(tok[:, None], cache)
+    logits, cache = model.decode(feed(tok)[:, None], cache)
     key, sub = jax.random.split(key)
     nxt = jnp.where(done, fill, sample(logits, sub))
     out = out.at[:, i].set(nxt)
@@ -95,7 +112,8 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.n
 def generate(model: nnx.Module, tokens, max_new_tokens: int, *, image=None,
              temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, seed: int = 0,
-             stop_token: Optional[int] = None, prompt_mask=None) -> jax.Array:
+             stop_token: Optional[int] = None, prompt_mask=None, logits_mask=None,
+             cfg_scale: Optional[float] = None) -> jax.Array:
   """Sample ``max_new_tokens`` continuations of ``tokens`` -> (B, max_new_tokens) int32.
 
   ``tokens``: a (B, T) array, or a list of token lists of different lengths (left-padded
@@ -103,6 +121,12 @@ def generate(model: nnx.Module, tokens, max_new_tokens: int, *, image=None,
   padding is never attended and does not shift positions, so each row decodes exactly as
   it would alone. ``image`` (B, H, W, C) conditions a ``VLM``. ``temperature=0`` is
   greedy; ``top_k`` / ``top_p`` restrict sampling.
+
+  ``logits_mask`` (V,) bool: only ids where it is True can be sampled (the others get -inf
+  logits before temperature / top-k / top-p). ``cfg_scale`` s: classifier-free guidance;
+  ``tokens`` (and ``image``) then hold 2B rows, the B conditional prompts first and their B
+  unconditional counterparts after; the result has B rows, sampled from
+  ``uncond + s * (cond - uncond)`` (s = 1 is the conditional model, s = 0 the unconditional).
   """
   cfg = model.config
   if isinstance(tokens, (list, tuple)) and tokens and not np.isscalar(tokens[0]) and \
@@ -127,6 +151,20 @@ def generate(model: nnx.Module, tokens, max_new_tokens: int, *, image=None,
     raise ValueError(f"top_k={top_k} must be in [1, vocab_size={cfg.vocab_size}]")
   if top_p is not None and not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p={top_p} must be in (0, 1]")
+  if cfg_scale is not None and tokens.shape[0] % 2:
+    raise ValueError(f"cfg_scale needs 2B prompt rows (B conditional, then B unconditional), "
+                     f"got {tokens.shape[0]} rows")
+  if logits_mask is not None:
+    logits_mask = jnp.asarray(logits_mask)
+    if logits_mask.shape != (cfg.vocab_size,) or logits_mask.dtype != bool:
+      raise ValueError(f"logits_mask with shape {logits_mask.shape} and dtype "
+                       f"{logits_mask.dtype} is invalid: expected bool ({cfg.vocab_size},) "
+                       "(ModelConfig.vocab_size)")
+    allowed = int(logits_mask.sum())
+    if allowed == 0:
+      raise ValueError("logits_mask allows no token: at least one entry must be True")
+    if top_k is not None and top_k > allowed:
+      raise ValueError(f"top_k={top_k} must be <= the {allowed} ids logits_mask allows")
   if image is not None:
     if not isinstance(model, VLM):
       raise ValueError(f"image was given but the model is a {type(model).__name__}; "
@@ -140,10 +178,13 @@ def generate(model: nnx.Module, tokens, max_new_tokens: int, *, image=None,
                      f"positions (image tokens {cfg.num_image_tokens} + ModelConfig.max_seq_len="
                      f"{cfg.max_seq_len})")
   graphdef, state = nnx.split(model)
+  guided = cfg_scale is not None
   return _generate(graphdef, state, tokens, prompt_mask, image, jax.random.key(seed),
                    jnp.asarray(temperature if temperature > 0 else 1.0, jnp.float32),
+                   logits_mask, jnp.asarray(cfg_scale, jnp.float32) if guided else None,
                    max_new_tokens=max_new_tokens, max_len=max_len,
-                   greedy=temperature == 0.0, top_k=top_k, top_p=top_p, stop_token=stop_token)
+                   greedy=temperature == 0.0, top_k=top_k, top_p=top_p, stop_token=stop_token,
+                   guided=guided)
 
 
 class _CallableModule(types.ModuleType):

@@ -16,6 +16,7 @@ from flax import nnx
 from gptjax.config import ModelConfig
 from gptjax.layers.attention import PAD_SEGMENT, SHARED_SEGMENT, KVCache, LinearState
 from gptjax.layers.block import Block, BlockConfig, make_dropout
+from gptjax.layers.contrastive import ContrastiveHead
 from gptjax.layers.embed import Embed, LearnedPositions
 from gptjax.layers.linear import Dense
 from gptjax.layers.norm import Norm
@@ -226,6 +227,9 @@ class VLM(nnx.Module):
                                       param_dtype=cfg.param_dtype, rngs=rngs)
     self.projector = Projector(cfg, rngs=rngs)
     self.decoder = GPT(cfg, rngs=rngs)
+    self.contrastive = (ContrastiveHead(cfg.width, cfg.contrastive_dim, dtype=cfg.dtype,
+                                        param_dtype=cfg.param_dtype, rngs=rngs)
+                        if cfg.contrastive_dim else None)
 
   def encode_image(self, image: jax.Array) -> jax.Array:
     """image (B, H, W, C) float in [0, 1] -> image tokens in decoder width (B, P, D)."""
@@ -251,6 +255,37 @@ class VLM(nnx.Module):
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> Cache:
     return self.decoder.init_cache(batch_size, max_len, dtype)
+
+  # -- contrastive head (ModelConfig.contrastive_dim > 0) -----------------------------
+  def _head(self) -> ContrastiveHead:
+    if self.contrastive is None:
+      raise ValueError("this VLM has no contrastive head (ModelConfig.contrastive_dim=0): "
+                       "train one with model.contrastive_dim > 0 and "
+                       "train.contrastive_weight > 0")
+    return self.contrastive
+
+  def image_embedding(self, image: Optional[jax.Array] = None, *,
+                      image_tokens: Optional[jax.Array] = None) -> jax.Array:
+    """(B, C) unit vectors: the mean of the projected image tokens (B, P, D) (including
+    the global token when the vision config has one), through the head's image map.
+    Pass ``image_tokens`` (``encode_image``'s output) to reuse an encoding."""
+    tokens = self.encode_image(image) if image_tokens is None else image_tokens
+    return self._head().image(jnp.mean(tokens.astype(jnp.float32), axis=1))
+
+  def text_embedding(self, ids: jax.Array, lengths: jax.Array) -> jax.Array:
+    """(B, C) unit vectors of right-padded text ``ids`` (B, L) with ``lengths`` (B,) real
+    tokens: the decoder on the text alone (no image prefix), its final-normed hidden state
+    at the last real token, through the head's text map.
+
+    Why the last token: the decoder is causal, so only the last position has read the
+    whole text; a mean would weight the first words (seen by every later state) most.
+    Right padding comes after every real token, so causal attention never sees it.
+    """
+    head = self._head()
+    _, h = self.decoder(ids, return_hidden=True)
+    last = jnp.clip(lengths.astype(jnp.int32) - 1, 0, ids.shape[1] - 1)
+    pooled = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+    return head.text(self.decoder.final_norm(pooled))
 
   def decode(self, tokens: jax.Array, cache: Cache, *, image: Optional[jax.Array] = None,
              token_mask: Optional[jax.Array] = None):

@@ -1,6 +1,6 @@
 """The package's layering, read from the source: no import cycles, dependencies only run
-down the floors (layers -> model/vision -> generate -> data/train -> compress -> entry
-points), training never imports compression, and function-local imports of gptjax exist
+down the floors (layers -> model/vision -> generate -> data -> tasks -> train -> compress
+-> entry points), training never imports compression, and function-local imports of gptjax exist
 only to defer an optional dependency (qwix) or the heavy training stack."""
 import ast
 import os
@@ -11,14 +11,16 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # Floors, lowest first: a module may import its own floor and those below, never above.
 FLOORS = [
-    ("gptjax.tree", "gptjax.sharding", "gptjax.config", "gptjax.layers"),
+    ("gptjax.tree", "gptjax.sharding", "gptjax.config", "gptjax.flops", "gptjax.layers"),
     ("gptjax.vision", "gptjax.model", "gptjax.batch"),
     ("gptjax.generate",),
     ("gptjax.data",),
+    ("gptjax.tasks",),  # what a trained model does: match, retrieve, draw; caption metrics
     ("gptjax.train",),
     ("gptjax.compress", "gptjax.interop"),
     ("gptjax.runs", "gptjax.sample", "gptjax"),
-    ("gptjax.configs", "gptjax.cli"),  # shipped configs and the console scripts' mains
+    # shipped configs and the command-line mains (those of gptjax.tasks load a run)
+    ("gptjax.configs", "gptjax.cli", "gptjax.tasks.retrieve", "gptjax.tasks.draw"),
 ]
 # Function-local imports of gptjax that are deliberate: quantization needs qwix (an optional
 # dependency), and `import gptjax` defers the training stack until load_model is used.

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-TRAIN = ("demo", "distill_mini", "lm_text", "vlm_teacher", "gpt2_small_tpu", "finetune_gpt2")
+TRAIN = ("demo", "distill_mini", "lm_text", "vlm_teacher", "gpt2_small_tpu", "finetune_gpt2",
+         "caption_folder", "multitask")
 RECIPE = ("mini_recipe",)
 
 

@@ -1,7 +1,7 @@
 """One entry point for random-access data sources: built-in builders or prepared TFDS data.
 
-``load_source`` never downloads. The built-in ``shapes`` and ``text_files`` are generated
-locally (prepared on first use). Any other name must already be prepared in
+``load_source`` never downloads. The built-in ``shapes``, ``text_files`` and ``image_text``
+are generated locally (prepared on first use). Any other name must already be prepared in
 ``array_record`` format under ``data_dir``, because preparing most TFDS datasets needs
 TensorFlow and network, which this library does not assume.
 """
@@ -13,9 +13,10 @@ from typing import Any
 import tensorflow_datasets as tfds
 
 from gptjax.data.builders import load_shapes, load_text_files
+from gptjax.data.builders.image_text import load_image_text
 from gptjax.data.tokens import TokenFile
 
-BUILTIN = ("shapes", "text_files", "tokens")
+BUILTIN = ("shapes", "text_files", "tokens", "image_text")
 _MAX_CAUSE_CHARS = 600  # tfds's "not found" message lists every dataset; keep ours readable.
 
 
@@ -29,7 +30,9 @@ def load_source(name: str, split: str, data_dir: str | os.PathLike | None = None
 
   ``"shapes"``: ``kwargs`` go to ``load_shapes`` (``image_size``, ``train_size``, ...).
   ``"text_files"``: needs ``paths=`` (files, globs or directories); other ``kwargs`` go to
-  ``load_text_files``. ``"tokens"``: ``paths=[DIR]`` of ``gptjax.data.tokens`` output (a
+  ``load_text_files``. ``"image_text"``: ``paths=[FOLDER]`` of images + a captions file;
+  other ``kwargs`` (``image_size``, ``*_fraction``, ``skip_bad``) go to ``load_image_text``.
+  ``"tokens"``: ``paths=[DIR]`` of ``gptjax.data.tokens`` output (a
   ``TokenFile``; ``windows=`` 'fixed' | 'random'). Anything else: ``tfds.builder(name, data_dir=data_dir, **kwargs)``
   on data already prepared as ``array_record``.
 
@@ -49,6 +52,12 @@ def load_source(name: str, split: str, data_dir: str | os.PathLike | None = None
       raise ValueError("load_source('text_files', ...) needs paths=[file, glob or directory, ...]")
     paths = kwargs.pop("paths")
     return load_text_files(paths, split, data_dir=data_dir, **kwargs)
+  if name == "image_text":
+    paths = list(kwargs.pop("paths", ()))
+    if len(paths) != 1:
+      raise ValueError(f"load_source('image_text', ...) needs paths=[FOLDER]: one folder of "
+                       f"images and captions.jsonl / captions.csv, got {paths!r}")
+    return load_image_text(paths[0], split, data_dir=data_dir, **kwargs)
 
   where = f"data_dir={os.fspath(data_dir)!r}" if data_dir is not None else "the default data_dir (~/tensorflow_datasets)"
   fix = (

@@ -157,6 +157,30 @@ def encode_packed(tasks: Sequence[Example], tok: ByteTokenizer, prompt_len: int,
   return out
 
 
+def encode_caption(text: str, tok: ByteTokenizer, length: int) -> tuple[np.ndarray, np.int32]:
+  """The contrastive text tower's input: ``text <eos>`` (the caption task's target tokens)
+  right-padded with the pad id to ``length`` (data.target_len), and its real length."""
+  ids = tok.encode(text) + [tok.eos_id]
+  if len(ids) > length:
+    raise ValueError(f"caption {text!r} needs {len(ids)} tokens > data.target_len={length}")
+  out = np.full(length, tok.pad_id, np.int32)
+  out[:len(ids)] = ids
+  return out, np.int32(len(ids))
+
+
+def _with_caption(out: dict, tasks: Sequence[Example], tok: ByteTokenizer, length: int,
+                  on: bool) -> dict:
+  """``out`` + ``caption_ids`` / ``caption_len`` (``on``) of the first caption task among
+  ``tasks``; length 0 when there is none (an unpacked question row)."""
+  if not on:
+    return out
+  cap = next((ex for ex in tasks if ex.kind == "caption"), None)
+  ids, n = ((np.full(length, tok.pad_id, np.int32), np.int32(0)) if cap is None
+            else encode_caption(cap.target, tok, length))
+  out.update(caption_ids=ids, caption_len=n)
+  return out
+
+
 @dataclasses.dataclass
 class Pipeline:
   """A per-process batch iterator plus what is needed to checkpoint and describe it."""
@@ -194,11 +218,13 @@ def make_pipeline(source, *, task: str, batch_size: int, seed: int = 0, shuffle:
                   tasks_per: Optional[int] = None, drop_remainder: bool = True,
                   pack: bool = False, packed_len: int = 224,
                   process_index: Optional[int] = None, process_count: Optional[int] = None,
-                  tokenizer: Optional[ByteTokenizer] = None) -> Pipeline:
+                  tokenizer: Optional[ByteTokenizer] = None, captions: bool = False) -> Pipeline:
   """Batches of this process's share of ``batch_size`` (the global batch).
 
   ``batch_size`` must divide by the process count; each process reads every
   ``process_count``-th element of the shuffled order, so together they see each element once.
+  ``captions`` (vqa): each row also carries its image's caption as ``caption_ids`` /
+  ``caption_len`` (``encode_caption``), for the contrastive loss.
   """
   tok = tokenizer or ByteTokenizer()
   pi = jax.process_index() if process_index is None else process_index
@@ -208,12 +234,15 @@ def make_pipeline(source, *, task: str, batch_size: int, seed: int = 0, shuffle:
   if task == "vqa" and pack:
     make = record_to_tasks or tasks_per_record
     ds = grain.MapDataset.source(TaskSource(source, 1, lambda r: [make(r)], name))
-    ds = ds.map(lambda tasks: encode_packed(tasks, tok, prompt_len, target_len, packed_len))
+    ds = ds.map(lambda tasks: _with_caption(
+        encode_packed(tasks, tok, prompt_len, target_len, packed_len), tasks, tok, target_len,
+        captions))
   elif task == "vqa":
     make = record_to_tasks or tasks_per_record
     n_tasks = tasks_per or len(make(source[0]))
     ds = grain.MapDataset.source(TaskSource(source, n_tasks, make, name))
-    ds = ds.map(lambda ex: encode_vqa(ex, tok, prompt_len, target_len))
+    ds = ds.map(lambda ex: _with_caption(encode_vqa(ex, tok, prompt_len, target_len), [ex],
+                                         tok, target_len, captions))
   elif task == "lm":
     # Pre-tokenised data: windows read lazily from the memory map; text: tokenised here.
     windows = (source.windows(seq_len) if isinstance(source, TokenFile)
@@ -231,3 +260,87 @@ def make_pipeline(source, *, task: str, batch_size: int, seed: int = 0, shuffle:
   ds = ds[pi::pc]
   ds = ds.batch(batch_size // pc, drop_remainder=drop_remainder)
   return Pipeline(ds, iter(ds.to_iter_dataset()), num_examples)
+
+
+# --- draw rows: caption -> image codes (gptjax.tasks.drawing has the id layout) ----------------
+
+def encode_draw(caption: str, codes, tok: ByteTokenizer, *, img_id: int, code_offset: int,
+                prompt_len: int, target_len: int, image_shape: Optional[tuple] = None) -> dict:
+  """A draw row in ``encode_vqa``'s layout, so it can share a batch with vqa rows:
+  ``[pad.. <bos> caption <img>] [code ids pad..]`` with the loss on the code ids only (their
+  count is fixed, G*G, so there is no ``<eos>``). Code ``c`` is id ``code_offset + c``.
+  ``image_shape`` (H, W, C): the row carries a black image of that shape, for batches whose
+  other rows have images (the codes must come from the caption, not from a picture of the
+  answer); ``None``: no image key."""
+  codes = np.asarray(codes)
+  if codes.ndim != 1 or not np.issubdtype(codes.dtype, np.integer) or codes.size == 0:
+    raise ValueError(f"codes with shape {codes.shape} and dtype {codes.dtype} is invalid: "
+                     "expected one record's non-empty 1-D integer codes (G*G,)")
+  if codes.min() < 0 or code_offset + codes.max() >= img_id:
+    raise ValueError(f"codes in [{codes.min()}, {codes.max()}] are invalid: code_offset + code "
+                     f"must lie in [{code_offset}, img_id={img_id})")
+  prompt = tok.encode(caption, bos=True) + [img_id]
+  target = (codes.astype(np.int64) + code_offset).tolist()
+  if len(prompt) > prompt_len:
+    raise ValueError(f"caption {caption!r} needs {len(prompt)} tokens > data.prompt_len={prompt_len}")
+  if len(target) > target_len:
+    raise ValueError(f"{len(target)} image codes > data.target_len={target_len}")
+  lpad = prompt_len - len(prompt)
+  n = len(prompt) + len(target)
+  total = prompt_len + target_len
+  seq = np.full(total, tok.pad_id, np.int32)
+  seq[lpad:lpad + n] = prompt + target
+  real = np.zeros(total, bool)
+  real[lpad:lpad + n] = True
+  mask = np.zeros(total, np.float32)
+  mask[prompt_len:prompt_len + len(target)] = 1.0
+  seg = np.where(real, 1, PAD_SEGMENT).astype(np.int32)
+  pos = np.clip(np.cumsum(real) - 1, 0, None).astype(np.int32)
+  out = _shifted(seq, mask, seg, pos)
+  out.update(prompt=seq[:prompt_len], is_caption=np.int32(0))
+  if image_shape is not None:
+    out["image"] = np.zeros(tuple(image_shape), np.uint8)
+  return out
+
+
+class DrawSource:
+  """Random access to (caption, codes) of record ``i``: ``codes`` (N, G*G) int32 were
+  computed once for the whole split, row ``i`` from record ``i`` (the tokenizer never runs
+  inside the data pipeline). With ``uncond_prob`` p a fixed pseudo-random p of the records
+  (a pure function of ``seed`` and the index, so resumption sees the same ones) get an empty
+  caption: the unconditional rows classifier-free guidance needs."""
+
+  def __init__(self, source, codes, *, caption_key: str = "caption", uncond_prob: float = 0.0,
+               seed: int = 0, name: str = "draw"):
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or len(codes) != len(source) or not np.issubdtype(codes.dtype, np.integer):
+      raise ValueError(f"codes with shape {codes.shape} and dtype {codes.dtype} is invalid: "
+                       f"expected integer (N, G*G) with N = len(source) = {len(source)}")
+    if not 0.0 <= uncond_prob < 1.0:
+      raise ValueError(f"uncond_prob={uncond_prob} is invalid: must be in [0, 1)")
+    self.source, self.codes, self.caption_key = source, codes.astype(np.int32), caption_key
+    self.uncond_prob, self.seed, self.name = uncond_prob, seed, name
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i: int) -> tuple[str, np.ndarray]:
+    i = int(i)
+    drop = self.uncond_prob > 0 and np.random.default_rng([self.seed, i]).random() < self.uncond_prob
+    caption = "" if drop else _text(self.source[i][self.caption_key])
+    return caption, self.codes[i]
+
+  def __repr__(self) -> str:
+    return (f"DrawSource({self.name}, records={len(self.source)}, codes={self.codes.shape[1]}, "
+            f"uncond_prob={self.uncond_prob}, seed={self.seed})")
+
+
+def draw_dataset(source: DrawSource, tok: ByteTokenizer, *, img_id: int, code_offset: int,
+                 prompt_len: int, target_len: int, image_shape: Optional[tuple] = None
+                 ) -> "grain.MapDataset":
+  """Encoded draw rows (unshuffled, unbatched), e.g. to ``grain.MapDataset.mix`` with vqa
+  rows of the same ``prompt_len`` / ``target_len`` before shuffling and batching."""
+  return grain.MapDataset.source(source).map(
+      lambda r: encode_draw(r[0], r[1], tok, img_id=img_id, code_offset=code_offset,
+                            prompt_len=prompt_len, target_len=target_len,
+                            image_shape=image_shape))

@@ -14,17 +14,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gptjax.layers.blocked_attention import (  # noqa: F401  (segment ids re-exported)
+    PAD_SEGMENT, SHARED_SEGMENT, position_mask, softmax_blocked)
 from gptjax.layers.embed import apply_rope
 from gptjax.layers.linear import Dense
 
 LINEAR_EPS = 1e-6  # in the linear-attention normaliser: phi(q).z is > 0 but can underflow
 
-# Segment ids (optional, (B, S) int32) let one row hold several independent sequences
-# (packing) and padding: id 0 is a shared prefix (image tokens) that every query of the row
-# may see, ids >= 1 are separate text segments that see only themselves (and the prefix),
-# and PAD_SEGMENT marks padding, which no query ever sees.
-SHARED_SEGMENT = 0
-PAD_SEGMENT = -1
+# Segment ids (SHARED_SEGMENT, PAD_SEGMENT, packing and padding): see blocked_attention.
 
 
 # ----------------------------------------------------------------------------------------
@@ -66,21 +63,9 @@ def _repeat_kv(x: jax.Array, num_heads: int) -> jax.Array:
 def _mask(t: int, s: int, *, causal: bool, q_offset, prefix_len, q_segment_ids=None,
           kv_segment_ids=None) -> Optional[jax.Array]:
   """(B or 1, T, S) bool: query i (at buffer position q_offset + i) may see key j."""
-  allowed = None
-  if causal:
-    qpos = jnp.arange(t)[:, None] + q_offset
-    kpos = jnp.arange(s)[None, :]
-    allowed = kpos <= qpos
-    if prefix_len is not None:
-      allowed = allowed | (kpos < prefix_len)
-    allowed = allowed[None]
-  if kv_segment_ids is not None:
-    kseg = kv_segment_ids[:, None, :]
-    seg_ok = kseg != PAD_SEGMENT
-    if q_segment_ids is not None:
-      seg_ok = seg_ok & ((kseg == q_segment_ids[:, :, None]) | (kseg == SHARED_SEGMENT))
-    allowed = seg_ok if allowed is None else allowed & seg_ok
-  return allowed
+  return position_mask(jnp.arange(t) + q_offset, jnp.arange(s), causal=causal,
+                       prefix_len=prefix_len, q_segment_ids=q_segment_ids,
+                       kv_segment_ids=kv_segment_ids)
 
 
 def _softmax_xla(q, k, v, mask):
@@ -113,24 +98,35 @@ def _softmax_pallas_tpu(q, k, v, causal):
   return tr(out)
 
 
+IMPLEMENTATIONS = ("auto", "xla", "blocked", "cudnn", "pallas")
+# 'auto' uses the blocked (flash-style) kernel once the einsum's T*S logits pass this many
+# per head. Measured on the 2-core CPU (B 1, 4x64 heads, causal, float32): forward alone the
+# two tie up to T = 256 and blocked is 2x faster at 512, 4x at 1024; forward + backward
+# blocked already wins at T = 128 (the einsum's softmax backward is costly). Keeping the
+# einsum for T*S <= 256^2 keeps small shapes on the simplest path at no measurable cost.
+BLOCKED_MIN_LOGITS = 256 * 256
+
+
 def choose_implementation(requested: str, q: jax.Array, k: jax.Array, *, simple: bool) -> str:
   """Pick the softmax backend. ``simple``: plain causal or full mask, no cache offset/prefix.
 
   Measured on a 2-core CPU (jax 0.10, T=512 and 2048): the einsum path beats
-  jax.nn.dot_product_attention(implementation=None) by 1.4-1.7x, so CPU always uses 'xla'.
-  cuDNN flash attention needs half precision; the Pallas TPU flash kernel wants
-  block-aligned lengths and no custom masks.
+  jax.nn.dot_product_attention(implementation=None) by 1.4-1.7x; the blocked kernel beats
+  both above ``BLOCKED_MIN_LOGITS``. cuDNN flash attention needs half precision; the Pallas
+  TPU flash kernel wants block-aligned lengths and no custom masks; everything else
+  (custom masks, other backends and dtypes) falls back to einsum or blocked by size.
   """
+  if requested not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation={requested!r}: allowed values are "
+                     f"{', '.join(map(repr, IMPLEMENTATIONS))}")
   if requested != "auto":
     return requested
   backend = jax.default_backend()
-  if not simple:
-    return "xla"
-  if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+  if simple and backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
     return "cudnn"
-  if backend == "tpu" and q.shape[1] % 128 == 0 and k.shape[1] % 128 == 0:
+  if simple and backend == "tpu" and q.shape[1] % 128 == 0 and k.shape[1] % 128 == 0:
     return "pallas"
-  return "xla"
+  return "blocked" if q.shape[1] * k.shape[1] > BLOCKED_MIN_LOGITS else "xla"
 
 
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
@@ -147,7 +143,7 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool 
     q_offset: position of the first query (decoding against a cache); may be traced.
     q_segment_ids, kv_segment_ids: (B, T) / (B, S) segment ids (see PAD_SEGMENT above);
       kv alone masks padding keys.
-    implementation: 'auto' | 'xla' | 'cudnn' | 'pallas'.
+    implementation: one of ``IMPLEMENTATIONS``; 'blocked' never holds (T, S) logits.
   """
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"num query heads {q.shape[2]} must be a multiple of kv heads {k.shape[2]}")
@@ -162,6 +158,9 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool 
     if not simple:
       raise ValueError("attention_impl='pallas' supports only plain causal/full masks")
     return _softmax_pallas_tpu(q, k, v, causal)
+  if impl == "blocked":
+    return softmax_blocked(q, k, v, causal=causal, prefix_len=prefix_len, q_offset=q_offset,
+                           q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
   mask = _mask(q.shape[1], k.shape[1], causal=causal, q_offset=q_offset, prefix_len=prefix_len,
                q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
   return _softmax_xla(q, k, v, mask)
@@ -305,11 +304,13 @@ class Attention(nnx.Module):
     upd = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=cache_index, axis=1)
     cache = KVCache(upd(cache.k, k.astype(cache.k.dtype)), upd(cache.v, v.astype(cache.v.dtype)))
     # Attend over the whole fixed-size cache: positions beyond the current one are masked
-    # by causality, so the shapes stay static for jit.
+    # by causality, so the shapes stay static for jit. The fused kernels take no offset, so
+    # only einsum / blocked apply ('auto' picks by size: a long prefill goes blocked).
+    impl = self.impl if self.impl in ("xla", "blocked") else "auto"
     y = softmax_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), causal=True,
                           prefix_len=prefix_len, q_offset=cache_index,
                           q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                          implementation="xla")
+                          implementation=impl)
     return y, cache
 
   def _linear(self, q, k, v, cache: Optional[LinearState], prefix_len, kv_valid):

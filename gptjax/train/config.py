@@ -16,6 +16,7 @@ import ml_collections
 
 from gptjax.config import ModelConfig, VisionConfig, preset
 from gptjax.data.tokenizers import TOKENIZERS, make_tokenizer
+from gptjax.tasks.image_codes import ImageCodesConfig
 
 TASKS = ("vqa", "lm")
 NONFINITE_POLICIES = ("stop", "skip")
@@ -28,8 +29,12 @@ def model_section(name: str, **overrides) -> ml_collections.ConfigDict:
   """Every ``ModelConfig`` field of preset ``name`` (+ overrides) as a ConfigDict, so any
   field can be set from the command line (``--config.model.width=256``)."""
   vision = overrides.pop("vision", None)
+  # Set after the preset: the head needs a vision encoder, which is added to the section
+  # only here (ModelConfig validates the pair when the section is built into one).
+  contrastive_dim = overrides.pop("contrastive_dim", 0)
   cfg = preset(name, **overrides)
   d = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "vision"}
+  d["contrastive_dim"] = contrastive_dim
   if isinstance(vision, VisionConfig):
     vision = vision_section(**dataclasses.asdict(vision))
   d["vision"] = vision
@@ -94,7 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
       # A step with a non-finite loss / gradient norm never updates the params. 'stop':
       # the run raises NonFiniteError (no checkpoint of that state); 'skip': train on, up
       # to max_skipped such steps in a row.
-      nonfinite="stop", max_skipped=10))
+      nonfinite="stop", max_skipped=10,
+      # > 0: total loss = LM loss + w * SigLIP loss of the model's contrastive head
+      # (needs model.contrastive_dim > 0 and a VLM on vqa data with captions).
+      contrastive_weight=0.0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every=200, keep=3, async_save=True,
@@ -104,13 +112,95 @@ def base_config() -> ml_collections.ConfigDict:
       every=250, batch_size=64, max_batches=8,  # loss/perplexity on the eval split
       decode_examples=256,  # greedy-decoded examples for caption / VQA exact match
       samples_to_print=6,
+      # Image<->text retrieval recall@1/5/10 (VLM, vqa data with captions): a gallery of the
+      # split's first retrieval_examples images and their distinct captions, scored by the
+      # decoder's caption likelihood (retrieval_examples x captions decoder passes: keep it
+      # small) and, with a contrastive head, by embedding similarity. Off by default: it
+      # compiles two more programs and costs retrieval_examples^2 decoder rows per eval.
+      retrieval=False, retrieval_examples=64,
       at_end=True))  # final eval + test-split metrics, samples.png
-  c.logging = ml_collections.ConfigDict(dict(tensorboard=True, plot=True, progress=True))
+  c.draw = draw_section()
+  c.logging = ml_collections.ConfigDict(dict(
+      tensorboard=True, plot=True, progress=True,
+      # MFU (model FLOPs / s over the measured matmul peak) at each log step; the peak is
+      # measured once per process (~1 s) unless peak_flops (FLOP/s, > 0) is given.
+      mfu=True, peak_flops=0.0))
   # Layout of this schema; runs saved without it (or with an older one) are migrated when
   # their config.json is loaded (``gptjax.train.load.load_run_config``).
   c.version = CONFIG_VERSION
   c.lock()
   return c
+
+
+def draw_section(**kw) -> ml_collections.ConfigDict:
+  """The draw task (caption -> image codes, ``gptjax.train.draw_data``), off by default.
+
+  ``rows_fraction``: share of training rows that are draw rows; ``uncond_prob``: share of
+  draw rows with an empty caption (what classifier-free guidance samples against);
+  ``codes``: the image tokenizer (``ImageCodesConfig`` fields, image size from the data)
+  and its own training (``steps``, ``batch_size``, Adam ``lr``), run once before the LM;
+  eval: ``eval_examples`` captions drawn with ``temperature`` / ``top_k`` (0: all codes) /
+  ``cfg_scale`` (0: no guidance; s > 0 samples from uncond + s * (cond - uncond))."""
+  d = dict(enabled=False, rows_fraction=0.25, uncond_prob=0.1,
+           codes=ml_collections.ConfigDict(dict(
+               grid=8, levels=(8, 5, 5, 5), channels=64, depth=1, head=4, lr=1e-2,
+               warmup=20, steps=3000, batch_size=64)),
+           eval_examples=64, temperature=1.0, top_k=0, cfg_scale=0.0, samples=8)
+  d.update(kw)
+  return ml_collections.ConfigDict(d)
+
+
+DRAW_CODES_TRAIN_KEYS = ("steps", "batch_size")  # draw.codes keys that are not ImageCodesConfig's
+
+
+def image_codes_config(c: ml_collections.ConfigDict):
+  """The ``ImageCodesConfig`` of ``draw.codes`` (image side and channels: the VLM's input)."""
+  d = {k: v for k, v in c.draw.codes.to_dict().items() if k not in DRAW_CODES_TRAIN_KEYS}
+  if isinstance(d.get("levels"), (list, tuple)):
+    d["levels"] = tuple(d["levels"])
+  vision = c.model.vision
+  return _build(ImageCodesConfig, d, "draw.codes", image_size=vision.image_size,
+                image_channels=vision.get("channels", 3))
+
+
+def _validate_draw(c: ml_collections.ConfigDict, m: ModelConfig, tok) -> None:
+  """The ``draw`` section against the model and data it would train with."""
+  d = c.draw
+  if not isinstance(d.enabled, bool):
+    fail("draw.enabled", d.enabled, "must be True or False")
+  if not d.enabled:
+    return
+  if m.vision is None:
+    fail("draw.enabled", True, "needs a VLM (set model.vision): draw rows share batches "
+         "with image rows, and the image tokenizer is trained on the training images")
+  if c.data.task != "vqa" or c.data.name not in ("shapes", "image_text"):
+    fail("draw.enabled", True, f"needs data with images and captions: data.task='vqa' and "
+         f"data.name in ('shapes', 'image_text'), not task={c.data.task!r}, "
+         f"name={c.data.name!r}")
+  _number("draw.rows_fraction", d.rows_fraction, lo=0, hi=1, lo_open=True, hi_open=True)
+  _number("draw.uncond_prob", d.uncond_prob, lo=0, hi=1, hi_open=True)
+  for key in ("steps", "batch_size"):
+    _number(f"draw.codes.{key}", d.codes[key], lo=1, integer=True)
+  _number("draw.eval_examples", d.eval_examples, lo=0, integer=True)
+  _number("draw.samples", d.samples, lo=0, integer=True)
+  _number("draw.temperature", d.temperature, lo=0)
+  _number("draw.top_k", d.top_k, lo=0, integer=True)
+  _number("draw.cfg_scale", d.cfg_scale, lo=0)
+  codes = image_codes_config(c)
+  need = tok.vocab_size + codes.codebook_size + 1
+  if m.vocab_size < need:
+    fail("model.vocab_size", m.vocab_size, f"must be >= {need} with draw.enabled: text "
+         f"vocab {tok.vocab_size} + codebook {codes.codebook_size} (draw.codes.levels="
+         f"{codes.levels}) + 1 <img> id")
+  n = codes.num_codes
+  if c.data.target_len < n:
+    fail("data.target_len", c.data.target_len, f"must be >= {n} with draw.enabled: a draw "
+         f"row's target is draw.codes.grid^2 = {codes.grid}^2 = {n} image codes")
+  row = c.data.prompt_len + c.data.target_len - 1
+  if c.data.pack and c.data.packed_len < row:
+    fail("data.packed_len", c.data.packed_len, f"must be >= data.prompt_len + "
+         f"data.target_len - 1 = {row} with draw.enabled: a draw row is padded to "
+         "packed_len as a row of its own")
 
 
 def _build(cls, d: dict, section: str, **extra):
@@ -213,6 +303,21 @@ def validate(c: ml_collections.ConfigDict) -> ModelConfig:
     _number(f"data.{key}", c.data[key], lo=1, integer=True)
   for key in ("decode_examples", "samples_to_print"):
     _number(f"eval.{key}", c.eval[key], lo=0, integer=True)
+  _number("eval.retrieval_examples", c.eval.get("retrieval_examples", 0), lo=0, integer=True)
+  if not isinstance(c.eval.get("retrieval", False), bool):
+    fail("eval.retrieval", c.eval.retrieval, "must be True or False")
+  w = c.train.get("contrastive_weight", 0.0)
+  _number("train.contrastive_weight", w, lo=0)
+  if w > 0:
+    if m.vision is None or m.contrastive_dim == 0:
+      fail("train.contrastive_weight", w, f"> 0 needs a VLM with a contrastive head: set "
+           f"model.contrastive_dim > 0 (now {m.contrastive_dim}) and model.vision "
+           f"(now {'set' if m.vision is not None else None}), or train.contrastive_weight=0")
+    if c.data.task != "vqa":
+      fail("train.contrastive_weight", w, f"> 0 needs data.task='vqa' (images with captions), "
+           f"not {c.data.task!r}")
+  if c.get("draw") is not None:
+    _validate_draw(c, m, tok)
   _number("eval.every", c.eval.every, integer=True, none_ok=True)  # <= 0 / None: no eval
   _number("checkpoint.step", c.checkpoint.step, lo=0, integer=True, none_ok=True)
   for key in ("data", "fsdp", "tensor"):

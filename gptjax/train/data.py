@@ -25,6 +25,14 @@ def load_split(c, split: str):
     kwargs["paths"] = list(d.paths)
   if d.name == "tokens":
     kwargs["paths"] = list(d.paths)
+  if d.name == "image_text":
+    if not d.paths or len(d.paths) != 1:
+      raise ValueError(f"config.data.paths={tuple(d.paths or ())!r} is invalid: "
+                       "data.name='image_text' needs one folder of images and captions.jsonl "
+                       "/ captions.csv, e.g. --config.data.paths='(\"my_images\",)'")
+    kwargs["paths"] = list(d.paths)
+    if kwargs.get("image_size") is None and c.model.vision is not None:
+      kwargs["image_size"] = c.model.vision.image_size  # stored at the size the encoder takes
   source = load_source(d.name, split, data_dir=d.data_dir, **kwargs)
   if d.name == "tokens":
     source.check_tokenizer(tokenizer_for(c))
@@ -33,11 +41,13 @@ def load_split(c, split: str):
 
 def pipeline_for(c, source, *, train: bool, batch_size: int, seed_offset: int = 0) -> Pipeline:
   """Batches of ``source`` laid out for the config's task (``gptjax.batch``): shuffled,
-  repeated and (``data.pack``) packed when ``train``; one ordered pass otherwise."""
+  repeated and (``data.pack``) packed when ``train``; one ordered pass otherwise. Training
+  rows carry their caption (``caption_ids``) when ``train.contrastive_weight`` > 0."""
   d = c.data
+  captions = train and d.task == "vqa" and c.train.get("contrastive_weight", 0.0) > 0
   return make_pipeline(
       source, task=d.task, batch_size=batch_size, seed=c.seed + seed_offset, shuffle=train,
       repeat=train, prompt_len=d.prompt_len, target_len=d.target_len, seq_len=d.seq_len,
       text_key=d.text_key, name=f"{d.name}", drop_remainder=True,
       pack=bool(d.pack) and train, packed_len=d.packed_len,
-      tokenizer=tokenizer_for(c))
+      tokenizer=tokenizer_for(c), captions=captions)

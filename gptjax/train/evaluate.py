@@ -19,8 +19,11 @@ from gptjax import sharding as shd
 from gptjax.batch import batch_shardings, global_batch, image_to_float, loss_sums, model_batch
 from gptjax.data.tokenizers import ByteTokenizer
 from gptjax.generate import generate
+from gptjax.tasks.caption_metrics import caption_scores
+from gptjax.tasks.retrieval import build_gallery, retrieval_metrics
 from gptjax.train.config import tokenizer_for
 from gptjax.train.data import load_split, pipeline_for
+from gptjax.train.evaluate_draw import draw_metrics
 from gptjax.train.metrics import new_figure
 
 
@@ -60,13 +63,18 @@ def _loss_sums(model, batch):
 
 def evaluate(model: nnx.Module, c, split: str, *, mesh=None, source=None,
              decode_examples: Optional[int] = None,
-             max_batches: Optional[int] = None) -> tuple[dict, list["Sample"]]:
+             max_batches: Optional[int] = None, image_codes=None,
+             draw_png: Optional[str] = None) -> tuple[dict, list["Sample"]]:
   """Metrics of ``model`` (a GPT or VLM, in eval mode) on ``split`` of config ``c``'s data.
 
   Loss and perplexity over up to ``max_batches`` (default ``eval.max_batches``) batches of
   ``eval.batch_size``; for vqa data also greedy-decoded caption exact match and VQA accuracy
   over ``decode_examples`` (default ``eval.decode_examples``) rows. ``mesh``: where the
   model's arrays live (default: the first device); ``source``: an already opened split.
+  For a VLM on captioned data (``eval.retrieval``) also image<->text retrieval recall@1/5/10
+  over a gallery of ``eval.retrieval_examples`` images (``retrieval_eval``).
+  With ``draw.enabled`` and the run's ``image_codes`` tokenizer, also the draw metrics
+  (``gptjax.train.evaluate_draw.draw_metrics``; ``draw_png``: a grid of drawings there).
   Returns (metrics, decoded samples).
   """
   mesh = mesh if mesh is not None else shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -86,7 +94,39 @@ def evaluate(model: nnx.Module, c, split: str, *, mesh=None, source=None,
         max_new_tokens=c.data.target_len, max_examples=decode_examples,
         tokenizer=tokenizer_for(c))
     out.update(acc)
+  if wants_retrieval(model, c, src):
+    out.update(retrieval_eval(model, c, src))
+  if image_codes is not None and c.get("draw") is not None and c.draw.enabled:
+    out.update(draw_metrics(model, c, split, image_codes, source=src, png=draw_png))
   return out, samples
+
+
+def wants_retrieval(model: nnx.Module, c, source) -> bool:
+  """Retrieval runs for a VLM on captioned vqa data with ``eval.retrieval`` and
+  ``eval.retrieval_examples`` > 0, in a single-process job (the gallery is scored on one
+  host)."""
+  return (c.data.task == "vqa" and bool(c.eval.get("retrieval", False))
+          and c.eval.get("retrieval_examples", 0) > 0 and hasattr(model, "encode_image")
+          and jax.process_count() == 1 and len(source) > 0
+          and c.data.caption_key in source[0] and c.data.image_key in source[0])
+
+
+def retrieval_eval(model: nnx.Module, c, source) -> dict:
+  """Image<->text recall@1/5/10 (``gptjax.tasks.retrieval``) on the first
+  ``eval.retrieval_examples`` images of ``source`` and their distinct captions: ``gen_*``
+  by caption likelihood (images x captions decoder rows), ``con_*`` by the contrastive head
+  when the model has one; plus the gallery's size and distinct-caption count."""
+  gallery = build_gallery(source, limit=c.eval.retrieval_examples,
+                          caption_key=c.data.caption_key, image_key=c.data.image_key)
+  methods = {"gen": "generative"}
+  if getattr(model, "contrastive", None) is not None:
+    methods["con"] = "contrastive"
+  out = {"retrieval_images": float(len(gallery.images)),
+         "retrieval_captions": float(len(gallery.texts))}
+  for prefix, method in methods.items():
+    m = retrieval_metrics(model, gallery, method=method, tokenizer=tokenizer_for(c))
+    out.update({f"{prefix}_{k}": v for k, v in m.items() if k.startswith(("i2t", "t2i"))})
+  return out
 
 
 def text_samples(model: nnx.Module, c, split: str, *, source=None, n: int = 3,
@@ -154,6 +194,13 @@ def decode_accuracy(model: nnx.Module, batches: Iterable[dict], shardings: dict,
     metrics["caption_exact_match"] = float(c[0] / c[1])
   if c[3]:
     metrics["vqa_accuracy"] = float(c[2] / c[3])
+  captions = [s for s in samples if s.is_caption]
+  # Free-form captions: corpus BLEU-4 and CIDEr-D next to exact match. Both are corpus-level
+  # (CIDEr's idf is over the evaluated set), so they are computed where all captions are:
+  # single-process jobs only. One reference per image: the row's own target.
+  if captions and jax.process_count() == 1:
+    scores = caption_scores([s.prediction for s in captions], [[s.truth] for s in captions])
+    metrics["caption_bleu4"], metrics["caption_cider"] = scores["bleu4"], scores["cider"]
   return metrics, samples
 
 

@@ -12,7 +12,9 @@ import numpy as np
 from flax import nnx
 
 from gptjax import sharding as shd
+from gptjax.flops import flops_per_step
 from gptjax.batch import MODEL_KEYS, batch_shardings, check_batch, global_batch
+from gptjax.train import draw_data
 from gptjax.train import evaluate as ev
 from gptjax.train.checkpoint import Checkpointer, CheckpointCorruptError, CheckpointSaveError
 from gptjax.train.config import eval_every, validate
@@ -22,7 +24,7 @@ from gptjax.train.hooks import RunHooks
 from gptjax.train.load import save_run_config
 from gptjax.train.lock import (WorkdirLockedError, WorkdirNotWritableError, acquire,
                                check_writable, not_writable)
-from gptjax.train.metrics import MetricsLogger, plot_losses
+from gptjax.train.metrics import MetricsLogger, Throughput, plot_losses
 from gptjax.train.optim import make_optimizer, schedule
 from gptjax.train.preemption import PreemptionWatcher
 from gptjax.train.state import abstract_train_state, create_train_state
@@ -126,7 +128,12 @@ def _run(c, mcfg, workdir: str, logdir: str, hooks: Optional[RunHooks]) -> dict:
                      f"data*fsdp mesh size {mesh.shape['data'] * mesh.shape['fsdp']}")
 
   train_src = load_split(c, c.data.train_split)
-  train_data = pipeline_for(c, train_src, train=True, batch_size=c.train.batch_size)
+  draw = None
+  if draw_data.enabled(c):  # the image tokenizer is trained (or loaded) before the LM
+    draw = draw_data.prepare(c, logdir, train_src)
+    train_data = draw_data.pipeline(c, train_src, draw, batch_size=c.train.batch_size)
+  else:
+    train_data = pipeline_for(c, train_src, train=True, batch_size=c.train.batch_size)
   hooks = hooks or RunHooks()
   tx = make_optimizer(c)
   if hooks.wrap_tx is not None:
@@ -145,7 +152,8 @@ def _run(c, mcfg, workdir: str, logdir: str, hooks: Optional[RunHooks]) -> dict:
   check_batch(first_batch, mcfg)  # named errors, not XLA shape errors at compile time
   train_shardings = {k: shardings[k] for k in MODEL_KEYS if k in first_batch}
   train_step = jit_train_step(
-      make_train_step(graphdef, rest, tx, accum_steps=c.optim.accum_steps, loss_fn=hooks.loss_fn),
+      make_train_step(graphdef, rest, tx, accum_steps=c.optim.accum_steps, loss_fn=hooks.loss_fn,
+                      contrastive_weight=c.train.get("contrastive_weight", 0.0)),
       state_sh, train_shardings, mesh, aux_shardings=hooks.aux_shardings)
   step_args = () if hooks.aux_shardings is None else (hooks.aux,)
   lr_at = schedule(c)
@@ -156,17 +164,25 @@ def _run(c, mcfg, workdir: str, logdir: str, hooks: Optional[RunHooks]) -> dict:
   progress.write(f"gptjax: {n_params:,} params, mesh {dict(mesh.shape)}, "
                  f"{train_data.num_examples:,} train examples, workdir {workdir}")
 
+  if draw is not None:
+    progress.write(f"draw: image tokenizer {'trained, saved' if draw.trained else 'loaded'} "
+                   f"({os.path.join(logdir, draw_data.CODES_DIR)}), {draw.layout.codebook_size} "
+                   f"codes" + (f"; train reconstruction {_fmt(draw.reconstruction)}"
+                               if draw.reconstruction else ""))
+
   sources = {}  # split -> source: opened once, not at every eval
 
-  def evaluate(split: str) -> tuple[dict, list]:
+  def evaluate(split: str, draw_png: Optional[str] = None) -> tuple[dict, list]:
     if split not in sources:
       sources[split] = load_split(c, split)
     model = hooks.eval_model(nnx.merge(graphdef, state.params, rest))
-    return ev.evaluate(model, c, split, mesh=mesh, source=sources[split])
+    return ev.evaluate(model, c, split, mesh=mesh, source=sources[split],
+                       image_codes=draw.model if draw is not None else None,
+                       draw_png=draw_png if jax.process_index() == 0 else None)
 
   watcher = PreemptionWatcher()
   summary: dict = {"preempted": False}
-  tokens_per_step = None
+  throughput = Throughput(mcfg, c.logging)
   last_log_time, last_log_step = time.perf_counter(), step
   last_saved = ckpt.latest_step()
   guard = NonFiniteGuard(c, os.path.join(workdir, "checkpoints"))
@@ -180,8 +196,9 @@ def _run(c, mcfg, workdir: str, logdir: str, hooks: Optional[RunHooks]) -> dict:
       local = first_batch if first_batch is not None else next(train_data)
       first_batch = None
       batch = global_batch(local, train_shardings)
-      if tokens_per_step is None:
-        tokens_per_step = int(np.prod(batch["inputs"].shape))
+      if throughput.flops_per_step is None:
+        b_, t_ = batch["inputs"].shape
+        throughput.set_step(b_ * t_, flops_per_step(mcfg, b_, t_))
       state, metrics = train_step(state, batch, *step_args)
       step += 1
       guard.observe(step, metrics)  # async, on device
@@ -190,15 +207,14 @@ def _run(c, mcfg, workdir: str, logdir: str, hooks: Optional[RunHooks]) -> dict:
         m = {k: float(v) for k, v in fetched.items()}
         now = time.perf_counter()
         dt = (now - last_log_time) / max(step - last_log_step, 1)
-        last_log_time, last_log_step = now, step
-        m.update(lr=float(lr_at(step - 1)), step_time_s=dt,
-                 tokens_per_s=tokens_per_step / dt if dt > 0 else 0.0)
+        m.update(lr=float(lr_at(step - 1)), step_time_s=dt, **throughput.rates(dt))
+        # After the rates: the one-off peak measurement (inside the first rates()) stays
+        # out of the next interval.
+        last_log_time, last_log_step = time.perf_counter(), step
         logger.write(step, "train", m)
         summary["train_loss"] = m["loss"]
         summary["tokens_per_s"] = m["tokens_per_s"]
-        progress.update_to(step, {
-            "loss": f"{m['loss']:.4f}", "tok/s": f"{m['tokens_per_s']:,.0f}",
-            "step": f"{dt * 1e3:.0f}ms"})
+        progress.update_to(step, throughput.postfix(m))
         guard.check(step, ckpt.latest_step, g)
       every = eval_every(c)
       if every and step % every == 0 and step < c.train.steps:
@@ -224,7 +240,7 @@ def _run(c, mcfg, workdir: str, logdir: str, hooks: Optional[RunHooks]) -> dict:
       if not split or not c.eval.at_end:
         continue
       try:
-        out, samples = evaluate(split)
+        out, samples = evaluate(split, draw_png=os.path.join(logdir, f"drawings_{key}.png"))
       except ValueError as e:  # e.g. text_files has no test split
         progress.write(f"skipping {key} on split {split!r}: {e}")
         continue

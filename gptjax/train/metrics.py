@@ -16,6 +16,8 @@ from typing import Mapping, Optional
 
 import jax
 
+from gptjax.flops import peak_matmul_flops
+
 TRAIN_EXTRA = "pip install 'gptjax[train]'"
 # What each module of the 'train' extra adds to a run.
 _TRAIN_EXTRA_MODULES = {"tensorboardX": "TensorBoard logs", "matplotlib": "PNG plots"}
@@ -85,6 +87,51 @@ class MetricsLogger:
   def close(self) -> None:
     if self.tb is not None:
       self.tb.close()
+
+
+class Throughput:
+  """tokens/s and MFU at a log step, from the wall time per step of the interval (the loop
+  times intervals between log steps: no host sync per step).
+
+  MFU = model FLOPs per step (``gptjax.flops.flops_per_step``) / step time / peak, the
+  peak being ``logging.peak_flops`` when > 0, else this machine's measured matmul FLOP/s in
+  the model's compute dtype (``peak_matmul_flops``, measured at the first log step, once
+  per process). With ``logging.mfu=False`` no peak is measured and no mfu is logged.
+  """
+
+  def __init__(self, model_cfg, logging_cfg):
+    self.dtype = model_cfg.dtype
+    self.enabled = bool(logging_cfg.get("mfu", True))
+    peak = float(logging_cfg.get("peak_flops", 0.0) or 0.0)
+    if peak < 0:
+      raise ValueError(f"config.logging.peak_flops={peak} is invalid: must be > 0 (FLOP/s), "
+                       "or 0 to measure the peak")
+    self.peak = peak or None
+    self.tokens_per_step = None
+    self.flops_per_step = None
+
+  def set_step(self, tokens: int, flops: float) -> None:
+    self.tokens_per_step, self.flops_per_step = int(tokens), float(flops)
+
+  def rates(self, step_time_s: float) -> dict:
+    """{'tokens_per_s', 'mfu' (when enabled)} for one step of ``step_time_s``."""
+    if step_time_s <= 0 or self.flops_per_step is None:
+      return {"tokens_per_s": 0.0, **({"mfu": 0.0} if self.enabled else {})}
+    out = {"tokens_per_s": self.tokens_per_step / step_time_s}
+    if self.enabled:
+      if self.peak is None:
+        self.peak = peak_matmul_flops(self.dtype)
+      out["mfu"] = self.flops_per_step / step_time_s / self.peak
+    return out
+
+  @staticmethod
+  def postfix(m: Mapping[str, float]) -> dict:
+    """The progress bar's fields."""
+    out = {"loss": f"{m['loss']:.4f}", "tok/s": f"{m['tokens_per_s']:,.0f}",
+           "step": f"{m['step_time_s'] * 1e3:.0f}ms"}
+    if "mfu" in m:
+      out["mfu"] = f"{100 * m['mfu']:.1f}%"
+    return out
 
 
 def read_metrics(workdir: str) -> list[dict]:

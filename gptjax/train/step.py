@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from gptjax.batch import loss_sums, model_batch
+from gptjax.batch import joint_loss_sums, loss_sums, model_batch
 from gptjax.train.state import TrainState
 
 def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, accum_steps: int = 1,
-                    loss_fn: Callable | None = None):
+                    loss_fn: Callable | None = None, contrastive_weight: float = 0.0):
   """Build ``train_step(state, batch) -> (state, metrics)``.
 
   The loss is the mean cross-entropy over *all* masked tokens of the global batch. With
@@ -25,13 +25,31 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, accum_s
   ``loss_fn(model, batch, aux) -> (loss_sum, count)`` may replace the cross-entropy; ``aux``
   is the step's optional third argument, passed through unchanged (e.g. the frozen teacher's
   parameters for distillation, so they are a jit argument with their own shardings rather
-  than constants baked into the program).
+  than constants baked into the program). It may also return a third element, a dict of
+  named sums normalised like the loss sum (divided by the total count) and reported as
+  metrics of their own.
+
+  ``contrastive_weight`` > 0 (a VLM with a contrastive head, batches with ``caption_ids``;
+  no ``loss_fn``): the loss is the LM loss + w x the SigLIP loss of the batch
+  (``gptjax.batch.joint_loss_sums``), and ``lm_loss`` / ``contrastive_loss`` are reported.
+  With ``accum_steps`` > 1 each micro-batch's contrastive loss sees only its own rows as
+  negatives, and the reported value is their token-weighted mean.
 
   Non-finite guard: when the loss or the gradient norm is not finite the update is a no-op
   (params and optimizer state unchanged, ``state.step`` still + 1) and
   ``metrics['nonfinite']`` is 1.0 (else 0.0).
   """
+  if contrastive_weight and loss_fn is not None:
+    raise ValueError(f"contrastive_weight={contrastive_weight} and a custom loss_fn cannot be "
+                     "combined: the joint loss replaces the default cross-entropy only")
+  if contrastive_weight:
+    w = float(contrastive_weight)
+    loss_fn = lambda model, batch, aux: joint_loss_sums(model, batch, w)  # noqa: E731
   loss_fn = loss_fn or (lambda model, batch, aux: loss_sums(model, batch))
+
+  def split_out(out):
+    """(loss_sum, count) or (loss_sum, count, extra sums) -> (loss_sum, (count, extra))."""
+    return out[0], (out[1], dict(out[2]) if len(out) > 2 else {})
 
   def sum_and_grad(params, micro, key, aux):
     def f(p):
@@ -39,27 +57,32 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, accum_s
       # Variables created outside the current trace.
       model = nnx.merge(graphdef, p, jax.tree.map(lambda x: x, rest))
       nnx.reseed(model, dropout=key)  # fresh dropout masks per (seed, step, micro-batch)
-      return loss_fn(model, micro, aux)
-    (total, count), grads = jax.value_and_grad(f, has_aux=True)(params)
-    return total, count, grads
+      return split_out(loss_fn(model, micro, aux))
+    (total, (count, extra)), grads = jax.value_and_grad(f, has_aux=True)(params)
+    return total, count, extra, grads
 
   def train_step(state: TrainState, batch: dict, aux=None):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     batch = model_batch(batch)
     if accum_steps == 1:
-      total, count, grads = sum_and_grad(state.params, batch, key, aux)
+      total, count, extra, grads = sum_and_grad(state.params, batch, key, aux)
     else:
       micro = jax.tree.map(lambda x: x.reshape((accum_steps, -1) + x.shape[1:]), batch)
 
       def body(carry, xs):
         i, mb = xs
-        t, c, g = sum_and_grad(state.params, mb, jax.random.fold_in(key, i), aux)
-        acc_t, acc_c, acc_g = carry
-        return (acc_t + t, acc_c + c, jax.tree.map(jnp.add, acc_g, g)), None
+        t, c, e, g = sum_and_grad(state.params, mb, jax.random.fold_in(key, i), aux)
+        acc_t, acc_c, acc_e, acc_g = carry
+        return (acc_t + t, acc_c + c, jax.tree.map(jnp.add, acc_e, e),
+                jax.tree.map(jnp.add, acc_g, g)), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-      (total, count, grads), _ = jax.lax.scan(body, init, (jnp.arange(accum_steps), micro))
+      first = jax.tree.map(lambda x: x[0], micro)
+      extra0 = jax.eval_shape(lambda: sum_and_grad(state.params, first, key, aux)[2])
+      init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+              jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), extra0), zeros)
+      (total, count, extra, grads), _ = jax.lax.scan(body, init,
+                                                     (jnp.arange(accum_steps), micro))
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss, grad_norm = total / denom, optax.tree.norm(grads)
@@ -75,6 +98,7 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, accum_s
     opt_state = jax.tree.map(keep, opt_state, state.opt_state)
     metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count,
                "nonfinite": 1.0 - ok.astype(jnp.float32)}
+    metrics.update({k: v / denom for k, v in extra.items()})
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step

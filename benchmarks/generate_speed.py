@@ -1,0 +1,158 @@
+"""Greedy generation: ``gptjax.generate`` vs ``transformers`` ``GPT2LMHeadModel.generate``
+(PyTorch CPU), the same GPT-2-small config built in code, random weights, KV cache on.
+
+  python benchmarks/generate_speed.py [--quick] [--repeats 3]
+
+Batch 1 and 8, prompt 32, 128 new tokens (``--quick``: a 2-layer 64-wide model, prompt 8,
+16 new). Reported per side and batch: new tokens/s (median of interleaved repeats after
+warm-up), time to first token (a 1-new-token call: prefill + one sample), the decode step
+((t(new) - t(1)) / (new - 1)), gptjax's first-call time (trace + compile + run) and whether
+a second prompt length compiles the decode loop again.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+FULL = dict(vocab=50257, seq=1024, width=768, depth=12, heads=12, prompt=32, new=128,
+            batches=(1, 8))
+QUICK = dict(vocab=260, seq=64, width=64, depth=2, heads=4, prompt=8, new=16, batches=(1, 8))
+
+
+def gptjax_side(s: dict):
+  from flax import nnx
+
+  from gptjax.config import ModelConfig
+  from gptjax.generate import _generate, generate
+  from gptjax.model import GPT
+  cfg = ModelConfig(vocab_size=s["vocab"], max_seq_len=s["seq"], width=s["width"],
+                    depth=s["depth"], num_heads=s["heads"], mlp_dim=4 * s["width"])
+  model = GPT(cfg, rngs=nnx.Rngs(0))
+
+  def gen(tokens: np.ndarray, new: int):
+    return np.asarray(generate(model, tokens, new))  # np.asarray waits for the result
+
+  return gen, _generate
+
+
+def hf_side(s: dict):
+  import torch
+  from transformers import GPT2Config, GPT2LMHeadModel
+  torch.set_num_threads(os.cpu_count() or 1)
+  torch.manual_seed(0)
+  cfg = GPT2Config(vocab_size=s["vocab"], n_positions=s["seq"], n_embd=s["width"],
+                   n_layer=s["depth"], n_head=s["heads"], activation_function="gelu_new",
+                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+  model = GPT2LMHeadModel(cfg).eval()
+
+  def gen(tokens: np.ndarray, new: int):
+    with torch.inference_mode():
+      out = model.generate(torch.from_numpy(tokens.astype(np.int64)),
+                           attention_mask=torch.ones(tokens.shape, dtype=torch.long),
+                           max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           use_cache=True, pad_token_id=0)
+    return out[:, tokens.shape[1]:].numpy()
+
+  return gen
+
+
+def _time(fn, *args) -> float:
+  t = time.perf_counter()
+  fn(*args)
+  return time.perf_counter() - t
+
+
+def run(quick: bool = False, repeats: int = 0) -> dict:
+  s = QUICK if quick else FULL
+  repeats = repeats or (2 if quick else 3)
+  jgen, jitted = gptjax_side(s)
+  sides = {"gptjax": jgen, "transformers": hf_side(s)}
+  rng = np.random.default_rng(0)
+  out = dict(config=s, repeats=repeats, batches={})
+  for b in s["batches"]:
+    prompt = rng.integers(0, s["vocab"], (b, s["prompt"]), dtype=np.int32)
+    first = {name: _time(g, prompt, s["new"]) for name, g in sides.items()}  # incl. compile
+    for g in sides.values():
+      g(prompt, 1)  # warm-up (and compile) of the 1-token call
+    full = {n: [] for n in sides}
+    one = {n: [] for n in sides}
+    for _ in range(repeats):
+      for name, g in sides.items():
+        full[name].append(_time(g, prompt, s["new"]))
+        one[name].append(_time(g, prompt, 1))
+    row = {}
+    for name in sides:
+      t_full, t_one = statistics.median(full[name]), statistics.median(one[name])
+      row[name] = dict(tokens_per_s=b * s["new"] / t_full, total_s=t_full, ttft_s=t_one,
+                       decode_step_s=(t_full - t_one) / (s["new"] - 1),
+                       first_call_s=first[name], runs_s=full[name])
+    out["batches"][b] = row
+  # A second prompt length: does the whole program (its decode loop included) compile again?
+  before = jitted._cache_size()
+  t = _time(jgen, rng.integers(0, s["vocab"], (1, s["prompt"] + 1), dtype=np.int32), s["new"])
+  out["new_prompt_len"] = dict(compiled_programs=jitted._cache_size() - before, first_call_s=t)
+  return out
+
+
+def targets(res: dict) -> list[tuple[str, bool]]:
+  out = []
+  bs = res["batches"]
+  for b, row in bs.items():
+    out.append((f"batch {b}: gptjax tokens/s >= 2 x transformers",
+                row["gptjax"]["tokens_per_s"] >= 2 * row["transformers"]["tokens_per_s"]))
+  if len(bs) >= 2:
+    lo, hi = sorted(bs)[0], sorted(bs)[-1]
+    out.append((f"gptjax decode step at batch {hi} <= 2 x batch {lo}",
+                bs[hi]["gptjax"]["decode_step_s"] <= 2 * bs[lo]["gptjax"]["decode_step_s"]))
+  out.append(("a new prompt length does not recompile the decode loop",
+              res["new_prompt_len"]["compiled_programs"] == 0))
+  return out
+
+
+def table(res: dict) -> str:
+  s = res["config"]
+  lines = [f"Greedy, random weights, width {s['width']}, {s['depth']} layers, {s['heads']} heads, "
+           f"vocab {s['vocab']}; prompt {s['prompt']}, {s['new']} new tokens; median of "
+           f"{res['repeats']} interleaved repeats.", "",
+           "| batch | side | new tokens/s | vs transformers | time to first token (ms) | "
+           "decode step (ms) | first call (s) |", "|---:|---|---:|---:|---:|---:|---:|"]
+  for b, row in res["batches"].items():
+    ref = row["transformers"]["tokens_per_s"]
+    for name, r in row.items():
+      lines.append(f"| {b} | {name} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / ref:.2f} | "
+                   f"{r['ttft_s'] * 1e3:.0f} | {r['decode_step_s'] * 1e3:.1f} | "
+                   f"{r['first_call_s']:.2f} |")
+  n = res["new_prompt_len"]
+  lines += ["", f"Prompt length {s['prompt'] + 1} after {s['prompt']}: gptjax compiled "
+            f"{n['compiled_programs']} new program(s) (prefill and decode loop are one jitted "
+            f"function), first call {n['first_call_s']:.2f} s.", "",
+            "| target | met |", "|---|---|"]
+  lines += [f"| {t} | {'met' if ok else 'MISSED'} |" for t, ok in targets(res)]
+  return "\n".join(lines)
+
+
+def main():
+  import argparse
+  import json
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--repeats", type=int, default=0)
+  ap.add_argument("--json", default=None)
+  a = ap.parse_args()
+  res = run(a.quick, a.repeats)
+  print(table(res))
+  if a.json:
+    json.dump(res, open(a.json, "w"), indent=1, default=str)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,117 @@
+"""Evaluation of the draw task: does what the decoder draws for a caption show it?
+
+For ``draw.eval_examples`` records of a split, the decoder samples the G x G image codes of
+the record's caption (``gptjax.tasks.drawing.sample_codes``, fixed seed), the run's image
+tokenizer decodes them, and the independent shapes analyser (``shapes_analyser.matches``,
+plain NumPy connected components, no learnt part) compares the picture with the record:
+``draw_colors`` / ``draw_count`` / ``draw_color_and_count`` / ``draw_all`` are the rates of
+prompts whose image is right in that respect. ``codes_palette_acc`` / ``codes_mae``: the
+tokenizer's own reconstruction of the split's images (an upper bound on what drawing can
+reach). ``image_text`` data have no analyser: only the tokenizer's error is reported.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import numpy as np
+
+from gptjax.tasks import image_codes as ic
+from gptjax.tasks import shapes_analyser as sa
+from gptjax.tasks.drawing import draw_prompt, draw_tokens, sample_codes
+from gptjax.train.config import tokenizer_for
+from gptjax.train.data import load_split
+from gptjax.train.metrics import new_figure
+
+log = logging.getLogger("gptjax")
+
+
+def _text(x) -> str:
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def draw_images(model, c, captions: list[str], codes_model: ic.ImageCodes, *, seed: int = 0,
+                temperature: Optional[float] = None, top_k: Optional[int] = None,
+                cfg_scale: Optional[float] = None, batch_size: Optional[int] = None,
+                tokenizer=None) -> np.ndarray:
+  """uint8 (N, H, W, C) images the decoder draws for ``captions`` (settings default to the
+  config's ``draw`` section; ``top_k`` 0 and ``cfg_scale`` 0 mean off; ``tokenizer``:
+  default the one the config names)."""
+  d = c.draw
+  tok = tokenizer or tokenizer_for(c)
+  layout = draw_tokens(tok.vocab_size, codes_model.config.codebook_size)
+  temperature = d.temperature if temperature is None else temperature
+  top_k = d.top_k if top_k is None else top_k
+  cfg_scale = d.cfg_scale if cfg_scale is None else cfg_scale
+  bs = batch_size or c.eval.batch_size
+  cfg = codes_model.config
+  uncond = draw_prompt(tok, "", layout)
+  out = []
+  for lo in range(0, len(captions), bs):
+    chunk = captions[lo:lo + bs]
+    prompts = [draw_prompt(tok, t, layout) for t in chunk]
+    image = None
+    if getattr(model.config, "vision", None) is not None:  # draw rows trained on a blank image
+      image = np.zeros((len(chunk), cfg.image_size, cfg.image_size, cfg.image_channels),
+                       np.float32)
+    codes = sample_codes(model, prompts, layout, cfg.num_codes, temperature=float(temperature),
+                         top_k=int(top_k) or None, cfg_scale=float(cfg_scale) or None,
+                         uncond_ids=uncond, image=image, seed=seed + lo)
+    out.append(ic.decode(codes_model, codes))
+  return np.concatenate(out)
+
+
+def draw_metrics(model, c, split: str, codes_model: ic.ImageCodes, *, source=None,
+                 png: Optional[str] = None) -> dict:
+  """The draw rates and the tokenizer's reconstruction on ``split`` (module docstring);
+  ``png``: also a grid of the first ``draw.samples`` drawings with their prompts there."""
+  src = source if source is not None else load_split(c, split)
+  n = min(int(c.draw.eval_examples), len(src))
+  records = [src[i] for i in range(n)]
+  images = np.stack([np.asarray(src[i][c.data.image_key])
+                     for i in range(min(len(src), 1024))])
+  recon = ic.reconstruction_error(codes_model, images)
+  shapes = c.data.name == "shapes"
+  out = {"codes_mae": recon["mean_abs_error"]}
+  if shapes:
+    out["codes_palette_acc"] = recon["palette_accuracy"]
+  if n == 0:
+    return out
+  captions = [_text(r[c.data.caption_key]) for r in records]
+  drawn = draw_images(model, c, captions, codes_model, seed=c.seed)
+  if shapes:
+    m = [sa.matches(img, r) for img, r in zip(drawn, records)]
+    out.update(
+        draw_colors=float(np.mean([x["colors"] for x in m])),
+        draw_count=float(np.mean([x["count"] for x in m])),
+        draw_color_and_count=float(np.mean([x["colors"] and x["count"] for x in m])),
+        draw_all=float(np.mean([x["all"] for x in m])))
+  else:
+    log.info("draw: data.name=%r has no image analyser; only the tokenizer's error is "
+             "reported", c.data.name)
+  if png and c.draw.samples > 0:
+    save_drawings_png(drawn[:c.draw.samples], captions[:c.draw.samples], png)
+  return out
+
+
+def save_drawings_png(images: np.ndarray, captions: list[str], path: str) -> Optional[str]:
+  """A grid of drawings titled with their prompts; None (one log line) without matplotlib."""
+  if not len(images):
+    return None
+  cols = min(4, len(images))
+  rows = math.ceil(len(images) / cols)
+  try:
+    fig = new_figure(figsize=(2.6 * cols, 2.9 * rows))
+  except ImportError:
+    log.info("draw: matplotlib is not installed (the 'plot' extra); no %s", path)
+    return None
+  axes = fig.subplots(rows, cols, squeeze=False)
+  for ax in axes.flat:
+    ax.axis("off")
+  for ax, img, cap in zip(axes.flat, images, captions):
+    ax.imshow(img, interpolation="nearest")
+    ax.set_title(cap or "(unconditional)", fontsize=7, wrap=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  return path

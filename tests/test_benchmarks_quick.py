@@ -1,0 +1,52 @@
+"""`python -m benchmarks.run --quick --only train_speed` end to end (a temp --out dir, never the
+repository's BENCHMARKS.md): it runs, writes results.json with both sides timed, and puts the
+generated section between the markers of BENCHMARKS.md, keeping what was there."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from _train_helpers import PYTHON, REPO_ROOT, python_env
+
+
+def test_quick_train_speed_writes_results_and_markdown(tmp_path):
+  pytest.importorskip("torch")  # the `bench` extra
+  md = tmp_path / "BENCHMARKS.md"
+  md.write_text("# Benchmarks\n\nhand-written intro\n\n"
+                "<!-- benchmarks.run:begin -->\nstale\n<!-- benchmarks.run:end -->\n\nhand-written end\n")
+  env = python_env()
+  env.pop("XLA_FLAGS", None)  # one CPU device, as a user's run has
+  p = subprocess.run([PYTHON, "-m", "benchmarks.run", "--quick", "--only", "train_speed",
+                      "--out", str(tmp_path)], cwd=REPO_ROOT, env=env, capture_output=True,
+                     text=True, timeout=120)
+  assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+  res = json.loads((tmp_path / "results.json").read_text())
+  assert res["quick"] and res["machine"]["cores"] == os.cpu_count()
+  r = res["results"]["train_speed"]["steps"]["quick"]
+  for side in ("gptjax", "torch eager"):
+    assert len(r["per_step_s"][side]) == r["repeats"] >= 1
+    assert r["median_s"][side] > 0 and 0 < r["mfu"][side] < 1
+  text = md.read_text()
+  assert text.startswith("# Benchmarks\n\nhand-written intro\n\n")
+  assert text.endswith("\n\nhand-written end\n") and "stale" not in text
+  assert text.count("<!-- benchmarks.run:begin") == 1 and "| quick 1x32" in text
+  assert "--quick --only train_speed" in text
+
+
+def test_unknown_benchmark_is_named():
+  from benchmarks.run import main
+  with pytest.raises(ValueError, match="--only.*train_speed"):
+    main(["--only", "nope", "--out", "/nonexistent"])
+
+
+def test_gpu_script_parses():
+  """benchmarks/gpu.sh runs only where a GPU is lent; here it must at least be valid bash
+  (its inline Python was run on CPU with GPTJAX_GPU_PRESET=tiny when written)."""
+  import subprocess
+  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "gpu.sh")
+  r = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr
