@@ -37,8 +37,8 @@ def shapes_data_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def compile_cache_dir(tmp_path_factory) -> str:
-  """The on-disk XLA compilation cache: the session-wide one conftest.py sets up (shared by
-  the workers and their subprocesses, written under jax's file lock), else a private one."""
+  """One on-disk XLA compilation cache per test session (per xdist worker: no two processes
+  write the same cache file at once), or the one ``JAX_COMPILATION_CACHE_DIR`` names."""
   return os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(
       tmp_path_factory.mktemp("jax_compile_cache"))
 
