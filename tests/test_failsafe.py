@@ -32,7 +32,7 @@ from gptjax.train.config import validate
 from gptjax.train.guard import NonFiniteError
 from gptjax.train.loop import run
 from gptjax.train.optim import make_optimizer
-from gptjax.train.state import abstract_train_state, create_train_state
+from gptjax.train.state import create_train_state
 
 TRAIN_PY = os.path.join(REPO_ROOT, "train.py")
 EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
@@ -55,8 +55,7 @@ def _config(data_dir, **train):
 
 def _abstract(c):
   run_mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-  _, _, state, sh = create_train_state(validate(c), make_optimizer(c), run_mesh, c.seed)
-  return abstract_train_state(state, sh)
+  return create_train_state(validate(c), make_optimizer(c), run_mesh, c.seed, abstract=True)[2]
 
 
 def _steps(w) -> list[int]:

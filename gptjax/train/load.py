@@ -20,7 +20,7 @@ from gptjax.data.tokenizers import load_tokenizer, save_tokenizer
 from gptjax.train.config import CONFIG_VERSION, tokenizer_for, validate
 from gptjax.train.hooks import RunHooks
 from gptjax.train.optim import make_optimizer
-from gptjax.train.state import abstract_train_state, create_train_state
+from gptjax.train.state import create_train_state
 
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -87,11 +87,11 @@ def load_model(workdir: str, *, config: Optional[ml_collections.ConfigDict] = No
   tx = make_optimizer(c)
   if hooks.wrap_tx is not None:
     tx = hooks.wrap_tx(tx)
-  graphdef, rest, state, shardings = create_train_state(mcfg, tx, mesh, c.seed,
-                                                        model_fn=hooks.model_fn)
+  graphdef, rest, abstract, _ = create_train_state(mcfg, tx, mesh, c.seed,
+                                                    model_fn=hooks.model_fn, abstract=True)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.every)
   try:
-    state = ckpt.restore(abstract_train_state(state, shardings), step=step)
+    state = ckpt.restore(abstract, step=step)
   finally:
     ckpt.close()
   module = nnx.merge(graphdef, state.params, rest)

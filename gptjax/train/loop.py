@@ -27,7 +27,7 @@ from gptjax.train.lock import (WorkdirLockedError, WorkdirNotWritableError, acqu
 from gptjax.train.metrics import MetricsLogger, Throughput, plot_losses
 from gptjax.train.optim import make_optimizer, schedule
 from gptjax.train.preemption import PreemptionWatcher
-from gptjax.train.state import abstract_train_state, create_train_state
+from gptjax.train.state import create_train_state
 from gptjax.train.step import jit_train_step, make_train_step
 
 log = logging.getLogger("gptjax")
@@ -138,12 +138,14 @@ def _run(c, mcfg, workdir: str, logdir: str, hooks: Optional[RunHooks]) -> dict:
   tx = make_optimizer(c)
   if hooks.wrap_tx is not None:
     tx = hooks.wrap_tx(tx)
-  graphdef, rest, state, state_sh = create_train_state(
-      mcfg, tx, mesh, c.seed, model_fn=hooks.model_fn, init_params=hooks.init_params)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.every,
                       keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
-  if ckpt.latest_step() is not None:
-    state = _resume(c, ckpt, abstract_train_state(state, state_sh), train_data.iterator)
+  resuming = ckpt.latest_step() is not None  # then the init is never run: restored over
+  graphdef, rest, state, state_sh = create_train_state(
+      mcfg, tx, mesh, c.seed, model_fn=hooks.model_fn,
+      init_params=None if resuming else hooks.init_params, abstract=resuming)
+  if resuming:
+    state = _resume(c, ckpt, state, train_data.iterator)
     log.info("resumed from step %d in %s", int(state.step), workdir)
 
   # The step's input shardings must mirror the batch exactly: text-only (lm) batches have
