@@ -1,5 +1,10 @@
 """Jitted sampling: prefill once, then one ``lax.while_loop`` over single-token steps.
 
+Two programs, each compiled at bucketed shapes (powers of two): the prefill, keyed on the
+padded prompt length, and the decode loop, keyed on the cache and output-buffer sizes.
+A prompt of another length or a different ``max_new_tokens`` within the same buckets
+compiles nothing new; the loop's trip count is a traced value.
+
 Softmax attention decodes against a KV cache; linear attention against its O(1) recurrent
 state. Greedy, temperature, top-k and top-p (nucleus) sampling; an optional stop token ends
 a row (later positions repeat it) and the loop exits early once every row has stopped.
@@ -46,14 +51,35 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature, greedy: boo
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "max_len", "greedy",
-                                             "top_k", "top_p", "stop_token", "guided"))
-def _generate(graphdef, state, tokens, token_mask, image, key, temperature, logits_mask=None,
-              cfg_scale=None, *, max_new_tokens: int, max_len: int, greedy: bool, top_k, top_p,
-              stop_token, guided: bool = False):
+def bucket(n: int, minimum: int = 16) -> int:
+  """The shape a length ``n`` is compiled at: the next power of two >= n (and >= minimum).
+  Prompts are left-padded (masked) to it and the output buffer sized by it, so a new prompt
+  length or token budget within the same bucket reuses both compiled programs."""
+  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
+def _prefill(graphdef, state, tokens, token_mask, image, *, cache_len: int):
+  """The prompt (and image) into a fresh cache of ``cache_len`` slots -> (last logits, cache).
+  Its own program: it is keyed on the prompt's shape, the decode loop is not."""
   model = nnx.merge(graphdef, state)
   model.eval()  # no dropout while sampling
-  b = tokens.shape[0] // 2 if guided else tokens.shape[0]  # rows of the output
+  cache = model.init_cache(tokens.shape[0], cache_len)
+  if image is None:
+    return model.decode(tokens, cache, token_mask=token_mask)
+  return model.decode(tokens, cache, image=image, token_mask=token_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "out_len", "greedy", "top_k", "top_p",
+                                             "stop_token", "guided"))
+def _decode(graphdef, state, logits, cache, key, temperature, num_new, logits_mask=None,
+            cfg_scale=None, *, out_len: int, greedy: bool, top_k, top_p, stop_token,
+            guided: bool = False):
+  """Sample ``num_new`` (traced, <= ``out_len``) tokens after the prefill's ``logits``:
+  one ``lax.while_loop`` of single-token steps against ``cache`` -> (B, out_len) int32."""
+  model = nnx.merge(graphdef, state)
+  model.eval()
+  b = logits.shape[0] // 2 if guided else logits.shape[0]  # rows of the output
   fill = 0 if stop_token is None else stop_token
 
   def sample(logits, key):
@@ -68,19 +94,14 @@ def _generate(graphdef, state, tokens, token_mask, image, key, temperature, logi
   def feed(tok):  # the token both rows of a guided pair read next
     return jnp.concatenate([tok, tok]) if guided else tok
 
-  cache = model.init_cache(tokens.shape[0], max_len)
-  if image is None:
-    logits, cache = model.decode(tokens, cache, token_mask=token_mask)
-  else:
-    logits, cache = model.decode(tokens, cache, image=image, token_mask=token_mask)
   key, sub = jax.random.split(key)
   tok = sample(logits, sub)
-  out = jnp.full((b, max_new_tokens), fill, jnp.int32).at[:, 0].set(tok)
+  out = jnp.full((b, out_len), fill, jnp.int32).at[:, 0].set(tok)
   done = (tok == stop_token) if stop_token is not None else jnp.zeros((b,), bool)
 
   def cond(carry):
     i, _, _, _, _, done = carry
-    return (i < max_new_tokens) & ~jnp.all(done)
+    return (i < num_new) & ~jnp.all(done)
 
   def body(carry):
     i, tok, cache, key, out, done = carry
@@ -94,6 +115,14 @@ def _generate(graphdef, state, tokens, token_mask, image, key, temperature, logi
 
   carry = (jnp.asarray(1, jnp.int32), tok, cache, key, out, done)
   return jax.lax.while_loop(cond, body, carry)[4]
+
+
+def _left_pad(tokens: jax.Array, mask: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
+  extra = length - tokens.shape[1]
+  if extra == 0:
+    return tokens, mask
+  return (jnp.pad(tokens, ((0, 0), (extra, 0))),
+          jnp.pad(mask, ((0, 0), (extra, 0)), constant_values=False))
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -171,20 +200,35 @@ def generate(model: nnx.Module, tokens, max_new_tokens: int, *, image=None,
                        "only a VLM takes images")
     image = jnp.asarray(image)
   p = cfg.num_image_tokens if image is not None else 0
-  max_len = p + tokens.shape[1] + max_new_tokens  # padding slots included
-  if cfg.position == "learned" and max_len > cfg.max_total_len:
-    raise ValueError(f"image tokens ({p}) + prompt ({tokens.shape[1]}) + max_new_tokens "
-                     f"({max_new_tokens}) = {max_len} exceeds the {cfg.max_total_len} learned "
-                     f"positions (image tokens {cfg.num_image_tokens} + ModelConfig.max_seq_len="
-                     f"{cfg.max_seq_len})")
+  t = tokens.shape[1]
+  if cfg.position == "learned" and p + t + max_new_tokens > cfg.max_total_len:
+    raise ValueError(f"image tokens ({p}) + prompt ({t}) + max_new_tokens "
+                     f"({max_new_tokens}) = {p + t + max_new_tokens} exceeds the "
+                     f"{cfg.max_total_len} learned positions (image tokens "
+                     f"{cfg.num_image_tokens} + ModelConfig.max_seq_len={cfg.max_seq_len})")
+  # Compiled shapes are buckets (see ``bucket``), never past a learned table's length: the
+  # padding occupies cache slots, not positions, so the checked sum above is what counts.
+  room = cfg.max_total_len - p if cfg.position == "learned" else None
+  t_pad = bucket(t) if room is None else max(t, min(bucket(t), room - max_new_tokens))
+  out_len = bucket(max_new_tokens)
+  if room is not None:
+    out_len = max(max_new_tokens, min(out_len, room - t_pad))
+  # The cache too, so that another prompt bucket recompiles the prefill, not the loop.
+  cache_len = bucket(p + t_pad + out_len)
+  if room is not None:
+    cache_len = min(cache_len, cfg.max_total_len)
+  mask = jnp.ones(tokens.shape, bool) if prompt_mask is None else prompt_mask
+  tokens, mask = _left_pad(tokens, mask, t_pad)
   graphdef, state = nnx.split(model)
   guided = cfg_scale is not None
-  return _generate(graphdef, state, tokens, prompt_mask, image, jax.random.key(seed),
-                   jnp.asarray(temperature if temperature > 0 else 1.0, jnp.float32),
-                   logits_mask, jnp.asarray(cfg_scale, jnp.float32) if guided else None,
-                   max_new_tokens=max_new_tokens, max_len=max_len,
-                   greedy=temperature == 0.0, top_k=top_k, top_p=top_p, stop_token=stop_token,
-                   guided=guided)
+  logits, cache = _prefill(graphdef, state, tokens, mask, image, cache_len=cache_len)
+  out = _decode(graphdef, state, logits, cache, jax.random.key(seed),
+                jnp.asarray(temperature if temperature > 0 else 1.0, jnp.float32),
+                jnp.asarray(max_new_tokens, jnp.int32), logits_mask,
+                jnp.asarray(cfg_scale, jnp.float32) if guided else None,
+                out_len=out_len, greedy=temperature == 0.0, top_k=top_k, top_p=top_p,
+                stop_token=stop_token, guided=guided)
+  return out if out_len == max_new_tokens else out[:, :max_new_tokens]
 
 
 class _CallableModule(types.ModuleType):
