@@ -21,7 +21,7 @@ A batch is a dict of arrays, rows first:
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -167,14 +167,19 @@ def _check_captions(arrays: Mapping[str, Any], b: int, model_config) -> None:
                        f"{model_config.vocab_size}): min={x.min()}, max={x.max()}")
 
 
-def forward(model, batch: Mapping[str, Any], *, return_hidden: bool = False):
+def forward(model, batch: Mapping[str, Any], *, return_hidden: bool = False,
+            image_tokens: Optional[jax.Array] = None):
   """Text logits (B, T, V) float32 of a GPT or VLM on ``batch`` (with ``return_hidden``:
   (logits, final hidden states)); ``check_batch`` first (against ``model.config`` when the
-  model has one)."""
+  model has one). ``image_tokens``: the batch's images already encoded (a VLM's
+  ``encode_image``), used instead of encoding ``batch['image']`` again."""
   check_batch(batch, getattr(model, "config", None))
   args, kwargs = model_args(batch)
   if return_hidden:
     kwargs["return_hidden"] = True
+  if image_tokens is not None:
+    kwargs.pop("image", None)
+    kwargs["image_tokens"] = image_tokens
   return model(*args, **kwargs)
 
 
@@ -183,10 +188,12 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
-def loss_sums(model, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+def loss_sums(model, batch: Mapping[str, Any], *, image_tokens: Optional[jax.Array] = None
+              ) -> tuple[jax.Array, jax.Array]:
   """(sum of masked token cross-entropies, number of masked tokens) on ``batch``."""
   mask = batch["loss_mask"].astype(jnp.float32)
-  return jnp.sum(token_losses(forward(model, batch), batch["targets"]) * mask), jnp.sum(mask)
+  logits = forward(model, batch, image_tokens=image_tokens)
+  return jnp.sum(token_losses(logits, batch["targets"]) * mask), jnp.sum(mask)
 
 
 def caption_positives(caption_ids: jax.Array, caption_len: jax.Array) -> jax.Array:
@@ -199,15 +206,17 @@ def caption_positives(caption_ids: jax.Array, caption_len: jax.Array) -> jax.Arr
   return same & (caption_len[:, None] == caption_len[None, :])
 
 
-def contrastive_loss(model, batch: Mapping[str, Any]) -> jax.Array:
+def contrastive_loss(model, batch: Mapping[str, Any], *,
+                     image_tokens: Optional[jax.Array] = None) -> jax.Array:
   """The SigLIP loss of a VLM's contrastive head on ``batch`` (its images against its rows'
-  captions; rows with ``caption_len`` 0 take no part)."""
+  captions; rows with ``caption_len`` 0 take no part); ``image_tokens`` as in ``forward``."""
   if batch.get("caption_ids") is None or batch.get("image") is None:
     raise ValueError(f"batch has keys {sorted(batch)}: the contrastive loss needs 'image', "
                      "'caption_ids' and 'caption_len' (the pipeline emits the captions when "
                      "train.contrastive_weight > 0)")
   ids, lens = batch["caption_ids"], batch["caption_len"].astype(jnp.int32)
-  x = model.image_embedding(image_to_float(batch["image"]))
+  x = (model.image_embedding(image_to_float(batch["image"])) if image_tokens is None
+       else model.image_embedding(image_tokens=image_tokens))
   y = model.text_embedding(ids, lens)
   return model.contrastive.loss(x, y, caption_positives(ids, lens), valid=lens > 0)
 
@@ -218,8 +227,11 @@ def joint_loss_sums(model, batch: Mapping[str, Any], contrastive_weight: float
   ``loss_sums``: the contrastive term enters the sum scaled by the token count, so
   sum / count = mean LM loss + w * contrastive loss. The third element holds the two parts
   in the same (sum) form, for the step to report as ``lm_loss`` / ``contrastive_loss``."""
-  lm_sum, count = loss_sums(model, batch)
-  closs = contrastive_loss(model, batch)
+  # One image encoding for both losses (their gradients meet in the vision tower).
+  check_batch(batch, getattr(model, "config", None))
+  tokens = model.encode_image(image_to_float(batch["image"])) if "image" in batch else None
+  lm_sum, count = loss_sums(model, batch, image_tokens=tokens)
+  closs = contrastive_loss(model, batch, image_tokens=tokens)
   extra = {"lm_loss": lm_sum, "contrastive_loss": closs * count}
   return lm_sum + contrastive_weight * closs * count, count, extra
 

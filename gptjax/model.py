@@ -244,10 +244,14 @@ class VLM(nnx.Module):
   def __call__(self, tokens: jax.Array, image: Optional[jax.Array] = None, *,
                segment_ids: Optional[jax.Array] = None, positions: Optional[jax.Array] = None,
                return_hidden: bool = False, cache: Optional[Cache] = None,
-               token_mask: Optional[jax.Array] = None):
+               token_mask: Optional[jax.Array] = None,
+               image_tokens: Optional[jax.Array] = None):
     """Text logits (B, T, V); see ``GPT.__call__`` for packing / padding arguments and for
-    ``cache`` (decoding)."""
-    prefix = None if image is None else self.encode_image(image)
+    ``cache`` (decoding). ``image_tokens`` (``encode_image``'s output) instead of ``image``
+    reuses an encoding (the joint LM + contrastive loss encodes each image once)."""
+    if image is not None and image_tokens is not None:
+      raise ValueError("pass image or image_tokens, not both")
+    prefix = image_tokens if image is None else self.encode_image(image)
     if cache is not None:
       return self.decoder(tokens, prefix=prefix, cache=cache, token_mask=token_mask)
     return self.decoder(tokens, prefix=prefix, segment_ids=segment_ids, positions=positions,

@@ -275,3 +275,29 @@ def test_retrieve_cli_rejects_a_bad_workdir(tmp_path, capsys):
   assert main(["--workdir", str(tmp_path / "nope")]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error:") and "config.json" in err and "\n" not in err
+
+
+def test_joint_loss_encodes_once_and_equals_the_separate_losses(trained, monkeypatch):
+  """joint_loss_sums shares one image encoding between the LM and contrastive losses; its
+  value equals the two losses computed apart (each encoding the image itself)."""
+  from gptjax.batch import contrastive_loss, joint_loss_sums, loss_sums
+  batch = {k: jnp.asarray(v) for k, v in trained.first_batch.items()
+           if k not in ("prompt", "is_caption")}
+  total, count, parts = joint_loss_sums(trained.model, batch, 0.3)
+  lm_sum, n = loss_sums(trained.model, batch)
+  closs = contrastive_loss(trained.model, batch)
+  np.testing.assert_allclose(float(count), float(n))
+  np.testing.assert_allclose(float(parts["lm_loss"]), float(lm_sum), rtol=1e-5)
+  np.testing.assert_allclose(float(parts["contrastive_loss"]), float(closs * n), rtol=1e-5)
+  np.testing.assert_allclose(float(total), float(lm_sum + 0.3 * closs * n), rtol=1e-5)
+  # ... and the vision tower runs once in the traced program, not twice.
+  calls = []
+  encode = type(trained.model).encode_image
+
+  def counting(self, image):
+    calls.append(image.shape)
+    return encode(self, image)
+
+  monkeypatch.setattr(type(trained.model), "encode_image", counting)
+  jax.eval_shape(lambda b: joint_loss_sums(trained.model, b, 0.3), batch)
+  assert len(calls) == 1, calls
