@@ -24,7 +24,7 @@ from gptjax.tasks.retrieval import build_gallery, retrieval_metrics
 from gptjax.train.config import tokenizer_for
 from gptjax.train.data import load_split, pipeline_for
 from gptjax.train.evaluate_draw import draw_metrics
-from gptjax.train.metrics import new_figure
+from gptjax.train.metrics import save_image_grid
 
 
 def _local_rows(x: jax.Array, sharding) -> np.ndarray:
@@ -210,19 +210,6 @@ one warning naming the extra) without matplotlib."""
   shown = [s for s in samples if s.image is not None][:n]
   if not shown or jax.process_index() != 0:
     return None
-  cols = min(4, len(shown))
-  rows = math.ceil(len(shown) / cols)
-  try:
-    fig = new_figure(figsize=(3.4 * cols, 3.6 * rows))
-  except ImportError:
-    return None
-  axes = fig.subplots(rows, cols, squeeze=False)
-  for ax in axes.flat:
-    ax.axis("off")
-  for ax, s in zip(axes.flat, shown):
-    ax.imshow(s.image, interpolation="nearest")
-    ok = "ok" if s.prediction == s.truth else "WRONG"
-    ax.set_title(f"{s.prompt}\npred: {s.prediction}\ntrue: {s.truth} [{ok}]", fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  return path
+  titles = [f"{s.prompt}\npred: {s.prediction}\ntrue: {s.truth} "
+            f"[{'ok' if s.prediction == s.truth else 'WRONG'}]" for s in shown]
+  return save_image_grid([s.image for s in shown], titles, path)

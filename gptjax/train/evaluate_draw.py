@@ -12,7 +12,6 @@ reach). ``image_text`` data have no analyser: only the tokenizer's error is repo
 from __future__ import annotations
 
 import logging
-import math
 from typing import Optional
 
 import numpy as np
@@ -22,7 +21,7 @@ from gptjax.tasks import shapes_analyser as sa
 from gptjax.tasks.drawing import draw_prompt, draw_tokens, sample_codes
 from gptjax.train.config import tokenizer_for
 from gptjax.train.data import load_split
-from gptjax.train.metrics import new_figure
+from gptjax.train.metrics import save_image_grid
 
 log = logging.getLogger("gptjax")
 
@@ -96,22 +95,6 @@ def draw_metrics(model, c, split: str, codes_model: ic.ImageCodes, *, source=Non
 
 
 def save_drawings_png(images: np.ndarray, captions: list[str], path: str) -> Optional[str]:
-  """A grid of drawings titled with their prompts; None (one log line) without matplotlib."""
-  if not len(images):
-    return None
-  cols = min(4, len(images))
-  rows = math.ceil(len(images) / cols)
-  try:
-    fig = new_figure(figsize=(2.6 * cols, 2.9 * rows))
-  except ImportError:
-    log.info("draw: matplotlib is not installed (the 'plot' extra); no %s", path)
-    return None
-  axes = fig.subplots(rows, cols, squeeze=False)
-  for ax in axes.flat:
-    ax.axis("off")
-  for ax, img, cap in zip(axes.flat, images, captions):
-    ax.imshow(img, interpolation="nearest")
-    ax.set_title(cap or "(unconditional)", fontsize=7, wrap=True)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  return path
+  """A grid of drawings titled with their prompts; None without matplotlib."""
+  return save_image_grid(images, [cap or "(unconditional)" for cap in captions], path,
+                         cell=(2.6, 2.9))

@@ -57,6 +57,29 @@ def new_figure(**kwargs):
   return Figure(**kwargs)
 
 
+def save_image_grid(images, titles: list[str], path: str, *, cell=(3.4, 3.6),
+                    fontsize: int = 7) -> Optional[str]:
+  """Images in a grid of up to 4 columns, each titled, as a PNG at ``path``; None without
+  matplotlib (after the one warning naming the extra). The samples and drawings plots."""
+  if not len(images):
+    return None
+  cols = min(4, len(images))
+  rows = math.ceil(len(images) / cols)
+  try:
+    fig = new_figure(figsize=(cell[0] * cols, cell[1] * rows))
+  except ImportError:
+    return None
+  axes = fig.subplots(rows, cols, squeeze=False)
+  for ax in axes.flat:
+    ax.axis("off")
+  for ax, img, title in zip(axes.flat, images, titles):
+    ax.imshow(img, interpolation="nearest")
+    ax.set_title(title, fontsize=fontsize, wrap=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  return path
+
+
 class MetricsLogger:
 
   def __init__(self, workdir: str, *, tensorboard: bool = True):
