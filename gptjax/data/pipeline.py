@@ -105,14 +105,16 @@ def _shifted(seq, mask, seg, pos) -> dict:
           "segment_ids": seg[:-1], "positions": pos[:-1]}
 
 
-def encode_vqa(ex: Example, tok: ByteTokenizer, prompt_len: int, target_len: int) -> dict:
-  """One task per row -> inputs/targets/loss_mask/segment_ids/positions (text_len =
-  prompt_len + target_len - 1), image, and the left-padded ``prompt`` for decoding."""
-  prompt, target = _task_tokens(ex, tok, prompt_len, target_len)
+def _prompt_target_row(prompt: list[int], target: list[int], pad_id: int, prompt_len: int,
+                       target_len: int) -> dict:
+  """The one-task row layout (vqa and draw rows): ``[pad.. prompt][target pad..]``, the
+  prompt left-padded to ``prompt_len`` so every row's target starts at the same column,
+  loss on the target only, positions counting real tokens; plus the left-padded
+  ``prompt`` for decoding."""
   lpad = prompt_len - len(prompt)
   n = len(prompt) + len(target)
   total = prompt_len + target_len
-  seq = np.full(total, tok.pad_id, np.int32)
+  seq = np.full(total, pad_id, np.int32)
   seq[lpad:lpad + n] = prompt + target
   real = np.zeros(total, bool)
   real[lpad:lpad + n] = True
@@ -121,7 +123,16 @@ def encode_vqa(ex: Example, tok: ByteTokenizer, prompt_len: int, target_len: int
   seg = np.where(real, 1, PAD_SEGMENT).astype(np.int32)
   pos = np.clip(np.cumsum(real) - 1, 0, None).astype(np.int32)
   out = _shifted(seq, mask, seg, pos)
-  out.update(prompt=seq[:prompt_len], is_caption=np.int32(ex.kind == "caption"))
+  out["prompt"] = seq[:prompt_len]
+  return out
+
+
+def encode_vqa(ex: Example, tok: ByteTokenizer, prompt_len: int, target_len: int) -> dict:
+  """One task per row -> inputs/targets/loss_mask/segment_ids/positions (text_len =
+  prompt_len + target_len - 1), image, and the left-padded ``prompt`` for decoding."""
+  prompt, target = _task_tokens(ex, tok, prompt_len, target_len)
+  out = _prompt_target_row(prompt, target, tok.pad_id, prompt_len, target_len)
+  out["is_caption"] = np.int32(ex.kind == "caption")
   if ex.image is not None:
     out["image"] = ex.image.astype(np.uint8)
   return out
@@ -285,19 +296,8 @@ def encode_draw(caption: str, codes, tok: ByteTokenizer, *, img_id: int, code_of
     raise ValueError(f"caption {caption!r} needs {len(prompt)} tokens > data.prompt_len={prompt_len}")
   if len(target) > target_len:
     raise ValueError(f"{len(target)} image codes > data.target_len={target_len}")
-  lpad = prompt_len - len(prompt)
-  n = len(prompt) + len(target)
-  total = prompt_len + target_len
-  seq = np.full(total, tok.pad_id, np.int32)
-  seq[lpad:lpad + n] = prompt + target
-  real = np.zeros(total, bool)
-  real[lpad:lpad + n] = True
-  mask = np.zeros(total, np.float32)
-  mask[prompt_len:prompt_len + len(target)] = 1.0
-  seg = np.where(real, 1, PAD_SEGMENT).astype(np.int32)
-  pos = np.clip(np.cumsum(real) - 1, 0, None).astype(np.int32)
-  out = _shifted(seq, mask, seg, pos)
-  out.update(prompt=seq[:prompt_len], is_caption=np.int32(0))
+  out = _prompt_target_row(prompt, target, tok.pad_id, prompt_len, target_len)
+  out["is_caption"] = np.int32(0)
   if image_shape is not None:
     out["image"] = np.zeros(tuple(image_shape), np.uint8)
   return out
