@@ -45,6 +45,7 @@ def _recipe_config(data_dir):
   c.pruned.update(dict(mlp_keep_fraction=0.5, heads_keep=0, sparsity=0.5, finetune_steps=4))
   c.int8.calibration_batches = 1
   c.report.update(dict(decode_examples=16, speed_batch=2, speed_new_tokens=4))
+  c.teacher.eval.retrieval, c.teacher.eval.retrieval_examples = True, 4  # report columns
   return c
 
 
@@ -107,9 +108,15 @@ def test_recipe_report(tmp_path):
     assert 0.0 <= r.vqa_accuracy <= 1.0 and r.decode_tokens_per_s > 0 and r.eval_loss > 0
   report = (tmp_path / "run" / "report.md").read_text()
   assert all(f"| {s} |" in report for s in by)
+  # The teacher evaluates retrieval, so every stage is measured on it (a 4-image gallery).
+  assert "i→t R@1 (gen)" in report and "t→i R@1 (gen)" in report
+  for r in results:
+    assert 0.0 <= r.tasks["gen_i2t_r1"] <= 1.0 and 0.0 <= r.tasks["gen_t2i_r1"] <= 1.0
+    assert "draw_all" not in r.tasks  # the teacher does not draw
   assert os.path.exists(tmp_path / "run" / "report.png")
   # Resumable: a second run finds every stage's checkpoint and trains nothing new.
   # (the second pass skips decoding and the speed measurement: it is about resuming)
   c.report.update(dict(decode_examples=0, speed_batch=0))
+  c.teacher.eval.retrieval = False
   again = run_recipe(c, str(tmp_path / "run"))
   assert [r.params for r in again] == [r.params for r in results]

@@ -301,3 +301,21 @@ def test_joint_loss_encodes_once_and_equals_the_separate_losses(trained, monkeyp
   monkeypatch.setattr(type(trained.model), "encode_image", counting)
   jax.eval_shape(lambda b: joint_loss_sums(trained.model, b, 0.3), batch)
   assert len(calls) == 1, calls
+
+
+def test_quantized_model_scores_through_call_and_refuses_contrastive(trained):
+  """A qwix int8 model computes only inside ``__call__``: generative scores go through it
+  (equal to its own one-pair-at-a-time forward), the contrastive method is refused by name."""
+  pytest.importorskip("qwix")
+  from gptjax.compress.quantize import ptq_int8
+  from gptjax.tasks.match import through_call_only
+  images = np.stack([r["image"] for r in RECORDS[:2]])
+  q = ptq_int8(trained.model, [{k: trained.first_batch[k] for k in ("inputs", "image",
+                                                                  "segment_ids", "positions")}],
+               activations=False)
+  assert through_call_only(q) and not through_call_only(trained.model)
+  want = np.array([[_one_pair_score(q, im, t) for t in CAPTIONS] for im in images])
+  np.testing.assert_allclose(generative_scores(q, images, CAPTIONS, TOK), want,
+                             atol=2e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="method='contrastive' is not available"):
+    match(q, images, CAPTIONS, method="contrastive", tokenizer=TOK)

@@ -37,7 +37,7 @@ from gptjax.batch import image_to_float
 from gptjax.compress import distill as distill_lib
 from gptjax.compress import hooks as compress_hooks
 from gptjax.compress import prune as prune_lib
-from gptjax.compress.report import StageResult, write_report
+from gptjax.compress.report import TASK_COLUMNS, StageResult, write_report
 from gptjax.config import ModelConfig
 from gptjax.generate import generate
 from gptjax.model import count_params
@@ -45,7 +45,8 @@ from gptjax.train import config as train_config
 from gptjax.train.checkpoint import CheckpointCorruptError
 from gptjax.train.config import fail, tokenizer_for, vision_section
 from gptjax.train.data import load_split, pipeline_for
-from gptjax.train.evaluate import evaluate
+from gptjax.train import draw_data
+from gptjax.train.evaluate import evaluate, retrieval_eval, wants_retrieval
 from gptjax.train.loop import RUN_ERRORS, run
 from gptjax.train.metrics import setup_cli_logging
 
@@ -154,9 +155,31 @@ def decode_speed(model: nnx.Module, c, *, batch: int, new_tokens: int, reps: int
   return reps * batch * new_tokens / (time.perf_counter() - t0)
 
 
+def task_metrics(model: nnx.Module, c, teacher_c, codes_dir: Optional[str]) -> dict:
+  """The teacher's other tasks on ``c``'s test split: retrieval recall@1 when the teacher's
+  eval has ``eval.retrieval`` (its gallery size), drawing when the teacher drew
+  (``draw.enabled``) and this stage has an image tokenizer in ``codes_dir``."""
+  out = {}
+  split = c.data.test_split
+  if teacher_c.eval.get("retrieval", False):
+    rc = copy.deepcopy(c)
+    rc.eval.retrieval = True
+    rc.eval.retrieval_examples = teacher_c.eval.retrieval_examples
+    src = load_split(rc, split)
+    if wants_retrieval(model, rc, src):
+      out.update({k: v for k, v in retrieval_eval(model, rc, src).items()
+                  if k in TASK_COLUMNS})
+  if teacher_c.get("draw", {}).get("enabled", False) and codes_dir and os.path.isdir(codes_dir):
+    from gptjax.tasks import image_codes
+    from gptjax.train.evaluate_draw import draw_metrics
+    m = draw_metrics(model, c, split, image_codes.load(codes_dir))
+    out.update({k: v for k, v in m.items() if k in TASK_COLUMNS})
+  return out
+
+
 def evaluate_stage(name: str, model: nnx.Module, c, bytes_on_disk: int, note: str = "",
                    *, decode_examples: int, speed_batch: int, speed_new_tokens: int,
-                   params: Optional[int] = None) -> StageResult:
+                   params: Optional[int] = None, tasks: Optional[dict] = None) -> StageResult:
   """Same measurements for every stage, on the test split of training config ``c``
   (``decode_examples`` greedy-decoded rows; decode speed at ``speed_batch`` rows x
   ``speed_new_tokens``)."""
@@ -166,7 +189,8 @@ def evaluate_stage(name: str, model: nnx.Module, c, bytes_on_disk: int, note: st
          if speed_batch else 0.0)
   return StageResult(name, params or count_params(model), bytes_on_disk,
                      int(state_bytes(nnx.state(model, nnx.Param))), metrics["loss"],
-                     metrics.get("caption_exact_match"), metrics.get("vqa_accuracy"), tps, note)
+                     metrics.get("caption_exact_match"), metrics.get("vqa_accuracy"), tps, note,
+                     tasks or {})
 
 
 def _fresh(directory: str) -> str:
@@ -226,9 +250,13 @@ def run_recipe(c: ml_collections.ConfigDict, workdir: str) -> list[StageResult]:
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   r = c.report
+  stage_dir = {"teacher": "teacher", "student": "student", "pruned": "pruned",
+               "int8": "pruned"}  # the int8 model draws with the pruned stage's codes
   measure = lambda name, model, nbytes, note="", params=None: evaluate_stage(  # noqa: E731
       name, model, c.student, nbytes, note, decode_examples=r.decode_examples,
-      speed_batch=r.speed_batch, speed_new_tokens=r.speed_new_tokens, params=params)
+      speed_batch=r.speed_batch, speed_new_tokens=r.speed_new_tokens, params=params,
+      tasks=task_metrics(model, c.student, c.teacher, os.path.join(
+          workdir, stage_dir[name], draw_data.CODES_DIR)))
   say = lambda msg: print(f"[recipe] {msg}", flush=True)  # noqa: E731
   artifact = lambda name: os.path.join(workdir, "artifacts", name)  # noqa: E731
   results = []

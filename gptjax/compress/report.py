@@ -21,22 +21,34 @@ class StageResult:
   vqa_accuracy: Optional[float]
   decode_tokens_per_s: float
   note: str = ""
+  # The teacher's other tasks, measured the same way on every stage (when it has them):
+  # image<->text recall@1 by caption likelihood ('gen_i2t_r1', 'gen_t2i_r1') and by its
+  # contrastive head ('con_*'), and the prompt-match rate of drawings ('draw_*').
+  tasks: dict = dataclasses.field(default_factory=dict)
 
   def __str__(self) -> str:
     def frac(x):
       return "-" if x is None else f"{x:.3f}"
     return (f"{self.params:,} params, {self.bytes_on_disk:,} bytes on disk, test loss "
             f"{self.eval_loss:.4f}, caption EM {frac(self.caption_exact_match)}, VQA "
-            f"{frac(self.vqa_accuracy)}, {self.decode_tokens_per_s:,.0f} decode tok/s")
+            f"{frac(self.vqa_accuracy)}, {self.decode_tokens_per_s:,.0f} decode tok/s"
+            + "".join(f", {k} {v:.3f}" for k, v in self.tasks.items()))
+
+
+TASK_COLUMNS = {"gen_i2t_r1": "i→t R@1 (gen)", "gen_t2i_r1": "t→i R@1 (gen)",
+                "con_i2t_r1": "i→t R@1 (con)", "con_t2i_r1": "t→i R@1 (con)",
+                "draw_color_and_count": "draw colour+count", "draw_all": "draw all"}
 
 
 def write_report(results: list[StageResult], workdir: str, teacher: StageResult) -> str:
+  tasks = [k for k in TASK_COLUMNS if any(k in r.tasks for r in results)]
   lines = ["# Compression report", "",
            "Every stage evaluated on the same test split; bytes = the saved parameter "
            "checkpoint on disk (measured); decode = greedy tokens/s on this machine.", "",
            "| stage | params | bytes on disk | vs teacher | array bytes | eval loss | caption EM "
-           "| VQA acc | VQA vs teacher | decode tok/s | note |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "| VQA acc | VQA vs teacher | decode tok/s | "
+           + "".join(f"{TASK_COLUMNS[k]} | " for k in tasks) + "note |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(tasks) + "---|"]
   fmt = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
   for r in results:
     rel_vqa = (r.vqa_accuracy / teacher.vqa_accuracy
@@ -46,7 +58,8 @@ def write_report(results: list[StageResult], workdir: str, teacher: StageResult)
         f"1/{teacher.bytes_on_disk / max(r.bytes_on_disk, 1):.1f} | {r.array_bytes:,} | "
         f"{r.eval_loss:.4f} | "
         f"{fmt(r.caption_exact_match)} | {fmt(r.vqa_accuracy)} | {fmt(rel_vqa)} | "
-        f"{r.decode_tokens_per_s:,.0f} | {r.note} |")
+        f"{r.decode_tokens_per_s:,.0f} | "
+        + "".join(f"{fmt(r.tasks.get(k))} | " for k in tasks) + f"{r.note} |")
   path = os.path.join(workdir, "report.md")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")

@@ -26,6 +26,7 @@ from flax import nnx
 from gptjax.batch import image_to_float, token_losses
 from gptjax.data.pipeline import CAPTION_PROMPT, Example, encode_caption, encode_vqa
 from gptjax.data.tokenizers import ByteTokenizer
+from gptjax.model import VLM
 
 METHODS = ("generative", "contrastive")
 # Rows (image, text pairs) per decoder call; lowered so a block's logits stay <= ~256 MiB.
@@ -64,6 +65,28 @@ def _score_block(model, prefix, rows):
   ll = -token_losses(logits, tile(rows["targets"]))
   mean = jnp.sum(ll * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
   return mean.reshape(n_img, n_txt)
+
+
+@nnx.jit
+def _score_block_via_call(model, images, rows):
+  """``_score_block`` through ``model.__call__`` (the image encoded once per row): for
+  models that compute only there (``through_call_only``)."""
+  n_img, n_txt = images.shape[0], rows["inputs"].shape[0]
+  tile = lambda x: jnp.tile(x, (n_img, 1))  # noqa: E731  row i*J + j: image i, text j
+  logits = model(tile(rows["inputs"]), jnp.repeat(image_to_float(images), n_txt, axis=0),
+                 segment_ids=tile(rows["segment_ids"]), positions=tile(rows["positions"]))
+  mask = tile(rows["loss_mask"]).astype(jnp.float32)
+  ll = -token_losses(logits, tile(rows["targets"]))
+  mean = jnp.sum(ll * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+  return mean.reshape(n_img, n_txt)
+
+
+def through_call_only(model) -> bool:
+  """True for a VLM whose class overrides ``__call__`` (qwix's quantized and QAT models:
+  they run with the quantized ops intercepted inside ``__call__`` only, so ``encode_image``
+  or ``decoder`` called directly would see raw quantized arrays). Generative scoring then
+  encodes each image per row through ``__call__``; the contrastive head is unavailable."""
+  return isinstance(model, VLM) and type(model).__call__ is not VLM.__call__
 
 
 def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
@@ -111,7 +134,9 @@ def generative_scores(model, images, texts: Sequence[str], tokenizer=None, *,
   max_rows = max(1, min(max_rows, _LOGIT_BUDGET // max(t * cfg.vocab_size, 1)))
   tb = min(n_txt, max_rows)  # texts per block
   ib = max(1, min(len(images), max_rows // tb))  # images per block
-  prefix = image_tokens(model, images)
+  via_call = through_call_only(model)
+  prefix = jnp.asarray(images) if via_call else image_tokens(model, images)
+  score = _score_block_via_call if via_call else _score_block
   out = np.zeros((len(images), n_txt), np.float32)
   for j in range(0, n_txt, tb):
     block = {k: jnp.asarray(_pad_rows(v[j:j + tb], tb)) for k, v in rows.items()}
@@ -121,7 +146,7 @@ def generative_scores(model, images, texts: Sequence[str], tokenizer=None, *,
       ni = p.shape[0]
       if ni < ib:
         p = jnp.concatenate([p, jnp.repeat(p[:1], ib - ni, axis=0)])
-      out[i:i + ni, j:j + nj] = np.asarray(_score_block(model, p, block))[:ni, :nj]
+      out[i:i + ni, j:j + nj] = np.asarray(score(model, p, block))[:ni, :nj]
   return out
 
 
@@ -148,6 +173,10 @@ def contrastive_scores(model, images, texts: Sequence[str], tokenizer=None, *,
                        block: int = 64) -> np.ndarray:
   """(N, M) cosine similarity of the contrastive head's image and text embeddings."""
   images = _check(model, images, texts)
+  if through_call_only(model):
+    raise ValueError(f"method='contrastive' is not available for a {type(model).__name__} "
+                     "(a quantized model computes only through __call__): use "
+                     "method='generative', or the float model")
   model._head()  # a clear error without a head, before any compile
   model.eval()
   ids, lens = caption_ids(texts, tokenizer)

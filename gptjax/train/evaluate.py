@@ -20,6 +20,7 @@ from gptjax.batch import batch_shardings, global_batch, image_to_float, loss_sum
 from gptjax.data.tokenizers import ByteTokenizer
 from gptjax.generate import generate
 from gptjax.tasks.caption_metrics import caption_scores
+from gptjax.tasks.match import through_call_only
 from gptjax.tasks.retrieval import build_gallery, retrieval_metrics
 from gptjax.train.config import tokenizer_for
 from gptjax.train.data import load_split, pipeline_for
@@ -119,7 +120,7 @@ def retrieval_eval(model: nnx.Module, c, source) -> dict:
   gallery = build_gallery(source, limit=c.eval.retrieval_examples,
                           caption_key=c.data.caption_key, image_key=c.data.image_key)
   methods = {"gen": "generative"}
-  if getattr(model, "contrastive", None) is not None:
+  if getattr(model, "contrastive", None) is not None and not through_call_only(model):
     methods["con"] = "contrastive"
   out = {"retrieval_images": float(len(gallery.images)),
          "retrieval_captions": float(len(gallery.texts))}
