@@ -26,8 +26,8 @@ import grain
 import jax
 import numpy as np
 
-from gptjax.data.pipeline import (DrawSource, Pipeline, TaskSource, draw_dataset, encode_caption,
-                                  encode_packed, encode_vqa, tasks_per_record)
+from gptjax.data.pipeline import (DrawSource, Pipeline, TaskSource, batch_iterator, draw_dataset,
+                                  encode_caption, encode_packed, encode_vqa, tasks_per_record)
 from gptjax.layers.attention import PAD_SEGMENT
 from gptjax.tasks import image_codes as ic
 from gptjax.tasks.drawing import DrawTokens, draw_tokens
@@ -187,4 +187,4 @@ def pipeline(c, source, draw: DrawData, *, batch_size: int, seed_offset: int = 0
                              rows.shuffle(seed=seed + 1).repeat(None)], weights=[1 - f, f])
   ds = ds[pi::pc]
   ds = ds.batch(batch_size // pc, drop_remainder=True)
-  return Pipeline(ds, iter(ds.to_iter_dataset()), num_examples)
+  return Pipeline(ds, batch_iterator(ds), num_examples)
