@@ -182,7 +182,10 @@ def _run(c, mcfg, workdir: str, logdir: str, hooks: Optional[RunHooks]) -> dict:
                        image_codes=draw.model if draw is not None else None,
                        draw_png=draw_png if jax.process_index() == 0 else None)
 
-  watcher = PreemptionWatcher()
+  # Hosts agree on a stop at log steps only: an all-gather every step would make each host
+  # wait for the slowest every step (no running ahead of the device). A stop then comes at
+  # most log_every steps after the signal, well inside a preemption notice.
+  watcher = PreemptionWatcher(sync_every=c.train.log_every)
   summary: dict = {"preempted": False}
   throughput = Throughput(mcfg, c.logging)
   last_log_time, last_log_step = time.perf_counter(), step
