@@ -16,6 +16,12 @@ POSITION_KINDS = ("learned", "rope")
 VISION_KINDS = ("cnn", "vit")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn", "pallas")
+REMAT_POLICIES = ("none", "full", "dots")
+# Before remat was a policy name it was a bool: saved configs and command-line flags
+# (``--config.model.remat=True`` arrives as a string once the field is a str) still mean
+# the same thing.
+_REMAT_LEGACY = {True: "full", False: "none", "True": "full", "False": "none",
+                 "true": "full", "false": "none"}
 
 
 def _fail(cls: str, field: str, value: Any, allowed: str) -> None:
@@ -154,7 +160,14 @@ class ModelConfig:
   num_unique_layers: Optional[int] = None  # u <= depth: layer i uses block i mod u
   dtype: str = "float32"  # activations / compute (a dtype name JAX accepts as a dtype)
   param_dtype: str = "float32"  # parameters
-  remat: bool = False  # recompute each block in the backward pass (saves activation memory)
+  # Recompute blocks in the backward pass (activation memory): 'none'; 'full' (keep only
+  # each block's input); 'dots' (keep the matmul outputs, recompute the cheap rest).
+  # Booleans are accepted as before (True: 'full', False: 'none').
+  remat: str = "none"
+  # Apply the layers with one jax.lax.scan (training / eval forward): XLA compiles one block
+  # body instead of `depth` copies, so compile time stops growing with depth. The parameter
+  # layout is unchanged (checkpoints restore either way); decoding still loops.
+  scan_layers: bool = False
   vision: Optional[VisionConfig] = None
   prefix_lm: bool = True  # image tokens attend to each other bidirectionally
   projector_hidden: Optional[int] = None  # vision->text projector MLP width; None = width
@@ -176,6 +189,11 @@ class ModelConfig:
     _check_choice(c, "position", self.position, POSITION_KINDS)
     _check_choice(c, "dtype", self.dtype, DTYPES)
     _check_choice(c, "param_dtype", self.param_dtype, DTYPES)
+    if isinstance(self.remat, (bool, str)) and self.remat in _REMAT_LEGACY:
+      object.__setattr__(self, "remat", _REMAT_LEGACY[self.remat])
+    _check_choice(c, "remat", self.remat, REMAT_POLICIES)
+    if not isinstance(self.scan_layers, bool):
+      _fail(c, "scan_layers", self.scan_layers, "must be True or False")
     if self.head_dim is None and self.width % self.num_heads:
       _fail(c, "width", self.width, f"must be divisible by num_heads={self.num_heads} "
             "(or set head_dim explicitly)")
@@ -193,6 +211,12 @@ class ModelConfig:
             f"must be <= depth={self.depth} (layer i uses block i mod num_unique_layers)")
     if not 0.0 <= self.dropout < 1.0:
       _fail(c, "dropout", self.dropout, "must be in [0, 1)")
+    if self.scan_layers and self.dropout > 0:
+      # The scan body is traced once, so it cannot advance the blocks' dropout RNG streams
+      # per layer the way the Python loop does: every layer would drop the same units.
+      _fail(c, "dropout", self.dropout, "must be 0 with ModelConfig.scan_layers=True "
+            "(a scanned layer stack has no per-layer dropout streams); set dropout=0.0 or "
+            "scan_layers=False")
     if self.norm_eps <= 0:
       _fail(c, "norm_eps", self.norm_eps, "must be > 0")
     if self.vision is not None:

@@ -45,6 +45,13 @@ def block_config(cfg: ModelConfig) -> BlockConfig:
       depth=cfg.depth, causal=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
 
+def remat_policy(name: str):
+  """``jax.checkpoint`` policy of ``ModelConfig.remat``: None saves nothing ('full', and
+  unused for 'none'); 'dots' saves the outputs of matmuls without batch dimensions (the
+  projections and MLP, the expensive part) and recomputes norms, activations, softmax."""
+  return jax.checkpoint_policies.dots_with_no_batch_dims_saveable if name == "dots" else None
+
+
 def check_tokens(tokens, vocab_size: int, what: str = "tokens") -> None:
   """Host-side check (no-op under tracing): ids must be in [0, vocab_size).
 
@@ -101,18 +108,66 @@ class GPT(nnx.Module):
   def _stack(self, x, *, positions, caches=None, cache_index=None, prefix_len=None,
              segment_ids=None, kv_segment_ids=None):
     cfg = self.config
-    new_caches = []
     kw = dict(positions=positions, prefix_len=prefix_len, segment_ids=segment_ids)
+    if cfg.scan_layers and caches is None:
+      return self._scan_stack(x, kw)
+    policy = remat_policy(cfg.remat)
+    new_caches = []
     for i in range(cfg.depth):
       block = self.layer(i)
-      if cfg.remat and caches is None:
+      if cfg.remat != "none" and caches is None:
         # Rematerialise each block in the backward pass: activation memory O(1) in depth.
-        x, cache = nnx.remat(lambda b, y: b(y, **kw))(block, x)
+        x, cache = nnx.remat(lambda b, y: b(y, **kw), policy=policy)(block, x)
       else:
         x, cache = block(x, cache=None if caches is None else caches[i],
                          cache_index=cache_index, kv_segment_ids=kv_segment_ids, **kw)
       new_caches.append(cache)
     return x, tuple(new_caches)
+
+  def _scan_stack(self, x, kw):
+    """The training / eval forward as ONE ``jax.lax.scan`` over the ``depth`` layers.
+
+    Why: the Python loop hands XLA ``depth`` copies of the block, so compile time grows
+    with depth; a scan body is compiled once. The parameters keep their layout (u separate
+    blocks in ``self.blocks``), so checkpoints, pruning, quantization, the GPT-2 import /
+    export and the distillation hooks see the same tree whether or not the model scans;
+    the blocks' states are stacked here, inside the traced forward, and the gradient flows
+    back through the stack (weight sharing still sums the per-layer gradients).
+
+    The cost: one stacked copy of the applied blocks' parameters per step. Layer i's
+    parameters (block i mod u) are gathered up front and scanned over as ``xs`` rather than
+    picked inside the body with a dynamic index: the gradient of a dynamic index is a
+    (u, ...) buffer added into the carried gradient at every step, O(depth * u) work, while
+    ``xs`` hands each layer's gradient out as a scan output and the gather's transpose sums
+    the shared ones once. (The copy holds depth blocks, as many as an unshared model has.)
+    """
+    cfg = self.config
+    split = [nnx.split(b) for b in self.blocks]
+    graphdef = split[0][0]
+    if any(g != graphdef for g, _ in split[1:]):
+      raise ValueError("ModelConfig.scan_layers=True needs identically shaped blocks (one "
+                       "scan body), but the model's blocks differ in structure (e.g. pruned "
+                       "per layer): set scan_layers=False")
+    try:
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[s for _, s in split])
+    except ValueError as e:
+      raise ValueError("ModelConfig.scan_layers=True needs identically shaped blocks (one "
+                       f"scan body): {e}; set scan_layers=False") from e
+    u = len(self.blocks)
+    if u != cfg.depth:
+      layer_block = np.arange(cfg.depth) % u  # static: layer i applies block i mod u
+      stacked = jax.tree.map(lambda s: jnp.take(s, layer_block, axis=0), stacked)
+
+    def body(h, state):
+      h, _ = nnx.merge(graphdef, state)(h, **kw)
+      return h, None
+
+    if cfg.remat != "none":
+      # prevent_cse=False: a scan already keeps XLA from merging the recomputation with the
+      # forward (jax.checkpoint's documented advice for scan bodies).
+      body = jax.checkpoint(body, prevent_cse=False, policy=remat_policy(cfg.remat))
+    x, _ = jax.lax.scan(body, x, stacked)
+    return x, (None,) * cfg.depth
 
   # -- public -------------------------------------------------------------------------
   def __call__(self, tokens: jax.Array, *, prefix: Optional[jax.Array] = None,

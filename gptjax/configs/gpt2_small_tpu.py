@@ -17,7 +17,7 @@ from gptjax.train.config import model_section, text_kwargs
 
 def get_config():
   c = base_config()
-  c.model = model_section("gpt2-small", dtype="bfloat16", param_dtype="float32", remat=True)
+  c.model = model_section("gpt2-small", dtype="bfloat16", param_dtype="float32", remat="full")
   c.data.name = "tokens"
   c.data.builder_kwargs = text_kwargs(windows="random")  # every text_files / tokens option
   c.data.paths = ("/data/gpt2_tokens",)

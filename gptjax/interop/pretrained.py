@@ -47,7 +47,7 @@ def load_pretrained(path: str, *, tokenizer: bool = True):
 def check_same_model(want: ModelConfig, got: ModelConfig, what: str) -> None:
   """``config.model`` must describe the pretrained model exactly (dtypes aside): the error
   names every field that differs."""
-  skip = {"dtype", "param_dtype", "remat", "dropout", "attention_impl"}
+  skip = {"dtype", "param_dtype", "remat", "scan_layers", "dropout", "attention_impl"}
   diff = [f"config.model.{f.name}={getattr(want, f.name)!r} (checkpoint: "
           f"{getattr(got, f.name)!r})" for f in dataclasses.fields(want)
           if f.name not in skip and getattr(want, f.name) != getattr(got, f.name)]
