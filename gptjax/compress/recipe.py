@@ -41,12 +41,14 @@ from gptjax.compress.report import TASK_COLUMNS, StageResult, write_report
 from gptjax.config import ModelConfig
 from gptjax.generate import generate
 from gptjax.model import count_params
+from gptjax.tasks import image_codes
 from gptjax.train import config as train_config
 from gptjax.train.checkpoint import CheckpointCorruptError
 from gptjax.train.config import fail, tokenizer_for, vision_section
 from gptjax.train.data import load_split, pipeline_for
 from gptjax.train import draw_data
 from gptjax.train.evaluate import evaluate, retrieval_eval, wants_retrieval
+from gptjax.train.evaluate_draw import draw_metrics
 from gptjax.train.loop import RUN_ERRORS, run
 from gptjax.train.metrics import setup_cli_logging
 
@@ -170,8 +172,6 @@ def task_metrics(model: nnx.Module, c, teacher_c, codes_dir: Optional[str]) -> d
       out.update({k: v for k, v in retrieval_eval(model, rc, src).items()
                   if k in TASK_COLUMNS})
   if teacher_c.get("draw", {}).get("enabled", False) and codes_dir and os.path.isdir(codes_dir):
-    from gptjax.tasks import image_codes
-    from gptjax.train.evaluate_draw import draw_metrics
     m = draw_metrics(model, c, split, image_codes.load(codes_dir))
     out.update({k: v for k, v in m.items() if k in TASK_COLUMNS})
   return out
