@@ -43,10 +43,10 @@ from gptjax.generate import generate
 from gptjax.model import count_params
 from gptjax.tasks import image_codes
 from gptjax.train import config as train_config
+from gptjax.train import draw_data
 from gptjax.train.checkpoint import CheckpointCorruptError
 from gptjax.train.config import fail, tokenizer_for, vision_section
 from gptjax.train.data import load_split, pipeline_for
-from gptjax.train import draw_data
 from gptjax.train.evaluate import evaluate, retrieval_eval, wants_retrieval
 from gptjax.train.evaluate_draw import draw_metrics
 from gptjax.train.loop import RUN_ERRORS, run
