@@ -216,8 +216,9 @@ def generate(model: nnx.Module, tokens, max_new_tokens: int, *, image=None,
     out_len = max(max_new_tokens, min(out_len, room - t_pad))
   # The cache length is rounded up to 64 slots, so another prompt bucket whose total still
   # fits recompiles the prefill, not the loop. Not to a power of two: every decode step
-  # copies the whole cache into the attention's layout (XLA:CPU), and at GPT-2-small shape,
-  # batch 8, a 256-slot cache for a 160-slot need made the step 30 % slower (192: same speed).
+  # reads every slot (masked), and when the step also copied the cache (an older cache
+  # layout) a 256-slot cache for a 160-slot need made batch-8 decode 30 % slower at
+  # GPT-2-small shape.
   cache_len = -(-(p + t_pad + out_len) // 64) * 64
   if room is not None:
     cache_len = min(cache_len, cfg.max_total_len)

@@ -7,7 +7,6 @@ NNX module a transformer block uses.
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -27,14 +26,37 @@ LINEAR_EPS = 1e-6  # in the linear-attention normaliser: phi(q).z is > 0 but can
 # ----------------------------------------------------------------------------------------
 # Caches
 class KVCache(NamedTuple):
-  """Softmax attention cache for one layer: keys/values for ``max_len`` positions."""
-  k: jax.Array  # (B, S_max, K, H)
-  v: jax.Array  # (B, S_max, K, H)
+  """Softmax attention cache for one layer: keys/values for ``max_len`` positions.
+
+  Kept in the layouts the two decode-step dots read (batch dims first, then the contracted
+  dim for keys, the slot dim for values), not in the (B, S, K, H) layout of the
+  projections: with that layout XLA copied every layer's whole cache into these layouts on
+  every decode step (a ``copy(transpose)`` of (B, K, S, H) in the loop body), so a step cost
+  batch x cache length on top of reading the weights (measured at GPT-2-small shape, batch
+  8: see BENCHMARKS.md, generation).
+  """
+  k: jax.Array  # (B, K, S_max, H)
+  v: jax.Array  # (B, K, H, S_max)
 
   @classmethod
   def zeros(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
-    shape = (batch, max_len, kv_heads, head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    return cls(jnp.zeros((batch, kv_heads, max_len, head_dim), dtype),
+               jnp.zeros((batch, kv_heads, head_dim, max_len), dtype))
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+  def update(self, k: jax.Array, v: jax.Array, index) -> "KVCache":
+    """Writes new keys / values (B, T, K, H) at slots ``index`` .. ``index + T - 1``."""
+    k = jnp.transpose(k, (0, 2, 1, 3)).astype(self.k.dtype)
+    v = jnp.transpose(v, (0, 2, 3, 1)).astype(self.v.dtype)
+    return KVCache(jax.lax.dynamic_update_slice_in_dim(self.k, k, index, axis=2),
+                   jax.lax.dynamic_update_slice_in_dim(self.v, v, index, axis=3))
+
+  def standard(self) -> tuple[jax.Array, jax.Array]:
+    """Keys and values as (B, S_max, K, H), the layout ``softmax_attention`` takes."""
+    return jnp.transpose(self.k, (0, 2, 1, 3)), jnp.transpose(self.v, (0, 3, 1, 2))
 
 
 class LinearState(NamedTuple):
@@ -81,6 +103,19 @@ def _softmax_xla(q, k, v, mask):
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)  # float32 whatever the activation dtype
   out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)
+  return out.reshape(b, t, n, h)
+
+
+def _softmax_against_cache(q, cache: KVCache, mask):
+  """``_softmax_xla`` over a ``KVCache`` in its own layout (no copy of the cache)."""
+  b, t, n, h = q.shape
+  kh = cache.k.shape[1]
+  qg = q.reshape(b, t, kh, n // kh, h)
+  logits = jnp.einsum("btkgh,bksh->bkgts", qg, cache.k.astype(q.dtype),
+                      preferred_element_type=jnp.float32) * (h**-0.5)
+  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bkgts,bkhs->btkgh", probs.astype(q.dtype), cache.v.astype(q.dtype))
   return out.reshape(b, t, n, h)
 
 
@@ -301,16 +336,23 @@ class Attention(nnx.Module):
       return softmax_attention(q, k, v, causal=self.causal, prefix_len=prefix_len,
                                q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                                implementation=self.impl), None
-    upd = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=cache_index, axis=1)
-    cache = KVCache(upd(cache.k, k.astype(cache.k.dtype)), upd(cache.v, v.astype(cache.v.dtype)))
     # Attend over the whole fixed-size cache: positions beyond the current one are masked
     # by causality, so the shapes stay static for jit. The fused kernels take no offset, so
-    # only einsum / blocked apply ('auto' picks by size: a long prefill goes blocked).
+    # only einsum / blocked apply ('auto' picks by size: a long prefill goes blocked, over
+    # the cache turned back into the standard layout, once per prompt).
     impl = self.impl if self.impl in ("xla", "blocked") else "auto"
-    y = softmax_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), causal=True,
+    t, s = q.shape[1], cache.max_len
+    if impl == "xla" or (impl == "auto" and t * s <= BLOCKED_MIN_LOGITS):
+      mask = _mask(t, s, causal=True, q_offset=cache_index, prefix_len=prefix_len,
+                   q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+      cache = cache.update(k, v, cache_index)
+      return _softmax_against_cache(q, cache, mask), cache
+    cache = cache.update(k, v, cache_index)
+    ks, vs = cache.standard()
+    y = softmax_attention(q, ks.astype(q.dtype), vs.astype(q.dtype), causal=True,
                           prefix_len=prefix_len, q_offset=cache_index,
                           q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                          implementation=impl)
+                          implementation="blocked")
     return y, cache
 
   def _linear(self, q, k, v, cache: Optional[LinearState], prefix_len, kv_valid):
