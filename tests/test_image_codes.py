@@ -77,6 +77,8 @@ def test_config_validation():
     ic.ImageCodesConfig(levels=(8, 1))
   with pytest.raises(ValueError, match="channels"):
     ic.ImageCodesConfig(channels=0)
+  with pytest.raises(ValueError, match=r"order='diagonal'.*'rows', 'columns'"):
+    ic.ImageCodesConfig(order="diagonal")
   cfg = ic.ImageCodesConfig(levels=[5, 5, 5], grid=4)
   assert cfg.levels == (5, 5, 5) and cfg.codebook_size == 125 and cfg.num_codes == 16
   with pytest.raises(ValueError, match="images"):
@@ -106,6 +108,24 @@ def test_reconstruction(trained):
   assert err["mean_abs_error"] < 15, err
   ok = [(m := sa.matches(r, e))["colors"] and m["count"] for r, e in zip(rec, held)]
   assert np.mean(ok) >= 0.85, np.mean(ok)
+
+
+def test_column_order(trained, tmp_path):
+  """order='columns' flattens the same code grid column by column, and decodes it back."""
+  from flax import nnx
+  model, _, held = trained
+  images = np.stack([e["image"] for e in held[:16]])
+  cols_model = ic.ImageCodes(dataclasses.replace(model.config, order="columns"),
+                             rngs=nnx.Rngs(1))
+  nnx.update(cols_model, nnx.state(model, nnx.Param))
+  rows, cols = ic.encode(model, images), ic.encode(cols_model, images)
+  g = model.config.grid
+  grid = rows.reshape(-1, g, g)  # [image, row, column]
+  assert cols[0, 1] == grid[0, 1, 0] and cols[0, g] == grid[0, 0, 1]
+  np.testing.assert_array_equal(cols.reshape(-1, g, g), grid.transpose(0, 2, 1))
+  np.testing.assert_array_equal(ic.decode(cols_model, cols), ic.decode(model, rows))
+  ic.save(cols_model, cols_model.config, str(tmp_path / "cols"))
+  assert ic.load(str(tmp_path / "cols")).config.order == "columns"
 
 
 def test_save_load_round_trip(trained, tmp_path):

@@ -7,8 +7,11 @@ is one point of the fixed grid ``levels[0] x levels[1] x ...`` and the codebook 
 product. Chosen over a VQ-VAE because there is no learned codebook: nothing collapses, no
 commitment / codebook losses or their weights, one MSE loss.
 
-The codes of an image are read in raster order (row by row), the order a decoder generates
-them in. ``encode`` / ``decode`` are jitted pure functions of ``nnx.split(model)``.
+The codes of an image are read in raster order, the order a decoder generates them in:
+row by row (``order="rows"``) or column by column (``order="columns"``). Columns suit
+captions that name objects left to right, as ``shapes``' do: the decoder then meets the
+objects in the order the caption lists them (measured on ``shapes``: see the multitask
+config). ``encode`` / ``decode`` are jitted pure functions of ``nnx.split(model)``.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from gptjax.tasks.shapes_analyser import FULL_PALETTE, nearest_colour
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.safetensors"
 FORMAT = "gptjax.image_codes/1"
+ORDERS = ("rows", "columns")
 _EPS = 1e-3  # keeps tanh's bound strictly inside the outermost bins (the paper's value)
 
 
@@ -41,7 +45,8 @@ class ImageCodesConfig:
   code stands for one (image_size / grid)^2 patch); levels: FSQ bins per latent channel
   (the codebook is their product); channels: hidden width; depth: residual blocks in the
   encoder and in the decoder; head: the decoder's per-cell pixel MLP is channels * head
-  wide (0: one linear map); lr / warmup: Adam with a warmup-cosine schedule."""
+  wide (0: one linear map); order: the raster order of the flat codes, "rows" or "columns";
+  lr / warmup: Adam with a warmup-cosine schedule."""
   image_size: int = 32
   grid: int = 8
   levels: tuple[int, ...] = (8, 5, 5, 5)
@@ -49,6 +54,7 @@ class ImageCodesConfig:
   depth: int = 1
   head: int = 4
   image_channels: int = 3
+  order: str = "rows"
   lr: float = 1e-2
   warmup: int = 20
 
@@ -72,6 +78,8 @@ class ImageCodesConfig:
     for name in ("depth", "head"):
       if getattr(self, name) < 0:
         raise ValueError(f"ImageCodesConfig.{name}={getattr(self, name)} is invalid: must be >= 0")
+    if self.order not in ORDERS:
+      raise ValueError(f"ImageCodesConfig.order={self.order!r} is invalid: allowed {ORDERS}")
     if not self.lr > 0 or self.warmup < 0:
       raise ValueError(f"ImageCodesConfig.lr={self.lr} must be > 0 and warmup={self.warmup} "
                        ">= 0")
@@ -217,14 +225,20 @@ def _check_images(images, config: ImageCodesConfig, name: str = "images") -> np.
 def _encode(graphdef, state, images):
   model = nnx.merge(graphdef, state)
   zhat = fsq_quantize(model.latent(images.astype(jnp.float32) / 255.0), model.config.levels)
-  return fsq_indices(zhat, model.config.levels).reshape(images.shape[0], -1)
+  grid = fsq_indices(zhat, model.config.levels)  # (N, G rows, G columns)
+  if model.config.order == "columns":
+    grid = grid.transpose(0, 2, 1)
+  return grid.reshape(images.shape[0], -1)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _decode(graphdef, state, codes):
   model = nnx.merge(graphdef, state)
   g = model.config.grid
-  zhat = fsq_values(codes.reshape(codes.shape[0], g, g), model.config.levels)
+  grid = codes.reshape(codes.shape[0], g, g)
+  if model.config.order == "columns":
+    grid = grid.transpose(0, 2, 1)
+  zhat = fsq_values(grid, model.config.levels)
   x = model.reconstruct(zhat)
   return jnp.clip(jnp.round(x * 255.0), 0, 255).astype(jnp.uint8)
 
@@ -236,7 +250,7 @@ def _chunked(fn, model, x, chunk: int = 1024) -> np.ndarray:
 
 
 def encode(model: ImageCodes, images) -> np.ndarray:
-  """uint8 images (N, H, W, C) -> int32 codes (N, G*G), raster order, in [0, codebook)."""
+  """uint8 images (N, H, W, C) -> int32 codes (N, G*G) in ``config.order``, in [0, codebook)."""
   return _chunked(_encode, model, _check_images(images, model.config))
 
 

@@ -143,8 +143,8 @@ def draw_section(**kw) -> ml_collections.ConfigDict:
   ``cfg_scale`` (0: no guidance; s > 0 samples from uncond + s * (cond - uncond))."""
   d = dict(enabled=False, rows_fraction=0.25, uncond_prob=0.1,
            codes=ml_collections.ConfigDict(dict(
-               grid=8, levels=(8, 5, 5, 5), channels=64, depth=1, head=4, lr=1e-2,
-               warmup=20, steps=3000, batch_size=64)),
+               grid=8, levels=(8, 5, 5, 5), channels=64, depth=1, head=4, order="rows",
+               lr=1e-2, warmup=20, steps=3000, batch_size=64)),
            eval_examples=64, temperature=1.0, top_k=0, cfg_scale=0.0, samples=8)
   d.update(kw)
   return ml_collections.ConfigDict(d)
