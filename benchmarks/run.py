@@ -33,7 +33,7 @@ END = "<!-- benchmarks.run:end -->"
 REGISTRY = {"train_speed": "benchmarks.train_speed", "generate_speed": "benchmarks.generate_speed",
             "attention_length": "benchmarks.attention_length",
             "input_pipeline": "benchmarks.input_pipeline",
-            "compile_depth": "benchmarks.compile_depth"}
+            "compile_depth": "benchmarks.compile_depth", "int8_decode": "benchmarks.int8_decode"}
 
 
 def available() -> dict:

@@ -346,6 +346,31 @@ def test_int8_table_matches_numpy_absmax():
   assert np.all(np.abs(np.asarray(table.dense()) - t) <= scale / 2 + 1e-7)
 
 
+@pytest.mark.parametrize("act_int8", [False, True])
+def test_int8_tied_head_matches_numpy(act_int8):
+  """The tied head's logits against a NumPy transcription: weight-only (x . q_v) * s_v, and
+  with per-token int8 inputs an exact integer dot times both scales."""
+  rng = np.random.default_rng(4)
+  t = rng.normal(size=(50, 16)).astype(np.float32)
+  x = rng.normal(size=(2, 3, 16)).astype(np.float32)
+  x[1, 2] = 0.0  # an all-zero input row must not divide by zero
+  head = Q.Int8Embed(jnp.asarray(t), jnp.float32, act_int8=act_int8)
+  q = np.asarray(head.table.qvalue[...]).astype(np.int64)
+  s = np.asarray(head.table.scale[...])[:, 0].astype(np.float64)
+  if act_int8:
+    xs = np.abs(x).max(-1, keepdims=True).astype(np.float64) / 127.0
+    xs[xs == 0] = 1.0
+    xq = np.clip(np.round(x / xs), -127, 127).astype(np.int64)
+    want = (xq @ q.T) * xs * s
+  else:
+    want = x.astype(np.float64) @ (q * s[:, None]).T
+  got = np.asarray(jax.jit(head.attend)(jnp.asarray(x)))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  exact = x.astype(np.float64) @ t.T.astype(np.float64)
+  err = np.linalg.norm(got - exact) / np.linalg.norm(exact)
+  assert err < (0.02 if act_int8 else 0.01), err  # int8 rounding of one / both operands
+
+
 def test_quantize_embeddings_on_ptq_model(tmp_path, gpt, ptq8, probe):
   q = Q.quantize_embeddings(ptq8)
   assert q.embed.table.qvalue[...].dtype == jnp.int8
