@@ -25,15 +25,20 @@ LINEAR_EPS = 1e-6  # in the linear-attention normaliser: phi(q).z is > 0 but can
 
 # ----------------------------------------------------------------------------------------
 # Caches
+CACHE_K_LAYOUT, CACHE_V_LAYOUT = "bksh", "bkhs"  # KVCache's k and v axes, as einsum letters
+
+
 class KVCache(NamedTuple):
   """Softmax attention cache for one layer: keys/values for ``max_len`` positions.
 
-  Kept in the layouts the two decode-step dots read (batch dims first, then the contracted
-  dim for keys, the slot dim for values), not in the (B, S, K, H) layout of the
-  projections: with that layout XLA copied every layer's whole cache into these layouts on
-  every decode step (a ``copy(transpose)`` of (B, K, S, H) in the loop body), so a step cost
-  batch x cache length on top of reading the weights (measured at GPT-2-small shape, batch
-  8: see BENCHMARKS.md, generation).
+  Kept as K (B, K, S, H) and V (B, K, H, S), not in the projections' (B, S, K, H): with
+  that layout XLA:CPU copied every layer's whole cache into the dots' layouts on every
+  decode step (a ``copy(transpose)`` in the loop body, so a step cost batch x cache length
+  on top of reading the weights). With this one the batch-8 loop body has no copy of the
+  cache (batch-8 step 128-139 -> 94-98 ms at GPT-2-small shape, measured A/B). At batch 1
+  XLA drops the unit batch dim and still copies the cache (in this layout and in the other
+  one that is copy-free at batch 8, K (B, K, H, S) / V (B, K, S, H)); a multiply-and-reduce
+  form of the step avoided every copy but made the batch-8 step 2.5x slower.
   """
   k: jax.Array  # (B, K, S_max, H)
   v: jax.Array  # (B, K, H, S_max)
@@ -90,32 +95,21 @@ def _mask(t: int, s: int, *, causal: bool, q_offset, prefix_len, q_segment_ids=N
                        kv_segment_ids=kv_segment_ids)
 
 
-def _softmax_xla(q, k, v, mask):
+def _softmax_xla(q, k, v, mask, k_layout: str = "bskh", v_layout: str = "bskh"):
+  """The einsum path. ``k_layout`` / ``v_layout``: the axes of k and v as einsum letters
+  (b batch, s key slot, k kv head, h head dim); a ``KVCache`` passes its own."""
   b, t, n, h = q.shape
-  kh = k.shape[2]
+  kh = k.shape[k_layout.index("k")]
   # Group query heads by their kv head instead of materialising repeated k/v (GQA).
   qg = q.reshape(b, t, kh, n // kh, h)
-  logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+  logits = jnp.einsum(f"btkgh,{k_layout}->bkgts", qg, k, preferred_element_type=jnp.float32)
   logits = logits * (h**-0.5)
   if mask is not None:
     # finfo.min rather than -inf: a fully masked row (never produced here, but cheap
     # insurance) gives a uniform distribution instead of NaN.
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)  # float32 whatever the activation dtype
-  out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)
-  return out.reshape(b, t, n, h)
-
-
-def _softmax_against_cache(q, cache: KVCache, mask):
-  """``_softmax_xla`` over a ``KVCache`` in its own layout (no copy of the cache)."""
-  b, t, n, h = q.shape
-  kh = cache.k.shape[1]
-  qg = q.reshape(b, t, kh, n // kh, h)
-  logits = jnp.einsum("btkgh,bksh->bkgts", qg, cache.k.astype(q.dtype),
-                      preferred_element_type=jnp.float32) * (h**-0.5)
-  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bkgts,bkhs->btkgh", probs.astype(q.dtype), cache.v.astype(q.dtype))
+  out = jnp.einsum(f"bkgts,{v_layout}->btkgh", probs.astype(v.dtype), v)
   return out.reshape(b, t, n, h)
 
 
@@ -346,7 +340,9 @@ class Attention(nnx.Module):
       mask = _mask(t, s, causal=True, q_offset=cache_index, prefix_len=prefix_len,
                    q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
       cache = cache.update(k, v, cache_index)
-      return _softmax_against_cache(q, cache, mask), cache
+      y = _softmax_xla(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask,
+                       k_layout=CACHE_K_LAYOUT, v_layout=CACHE_V_LAYOUT)
+      return y, cache
     cache = cache.update(k, v, cache_index)
     ks, vs = cache.standard()
     y = softmax_attention(q, ks.astype(q.dtype), vs.astype(q.dtype), causal=True,
