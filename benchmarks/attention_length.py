@@ -15,8 +15,6 @@ Absolute numbers depend on the machine and its load; ratios within one run are m
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -24,6 +22,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+from benchmarks import common  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -127,11 +127,9 @@ def run(quick: bool = False) -> dict:
     row, fns = {}, {}
     for kind in KINDS:
       fn = _fwd_bwd(kind)
-      mem = fn.lower(*args).compile().memory_analysis()
-      row[kind] = {"temp_bytes": int(mem.temp_size_in_bytes),
-                   "peak_bytes": int(mem.temp_size_in_bytes + mem.argument_size_in_bytes
-                                     + mem.output_size_in_bytes)}
-      if kind == "einsum" and mem.temp_size_in_bytes > EINSUM_MAX_BYTES:
+      mem = common.compiled_memory(fn.lower(*args).compile())
+      row[kind] = {"temp_bytes": int(mem["temp"]), "peak_bytes": int(mem["peak"])}
+      if kind == "einsum" and mem["temp"] > EINSUM_MAX_BYTES:
         row[kind]["skipped"] = f"temp memory > {EINSUM_MAX_BYTES / 2**30:.0f} GiB"
       elif 4 * last_s[kind] > MAX_RUN_S:
         row[kind]["skipped"] = f"predicted > {MAX_RUN_S:.0f} s per call"
@@ -219,15 +217,7 @@ def table(results: dict) -> str:
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--quick", action="store_true", help="T up to 1,024, contexts 256 and 1,024")
-  ap.add_argument("--json", help="write the raw results here")
-  args = ap.parse_args()
-  res = run(args.quick)
-  print(table(res))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(res, f, indent=1)
+  common.cli(__doc__, run, table, quick_help='T up to 1,024, contexts 256 and 1,024')
 
 
 if __name__ == "__main__":

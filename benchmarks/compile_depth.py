@@ -22,6 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from benchmarks import common  # noqa: E402
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -130,24 +132,12 @@ def table(res: dict) -> str:
     loop = _row(res, r["depth"], False, r["remat"])["step_s"]
     lines.append(f"| {r['depth']} | {'scan' if r['scan'] else 'loop'} | {r['remat']} | "
                  f"{r['compile_s']:.2f} | {r['step_s'] * 1e3:.2f} | {r['step_s'] / loop:.2f} |")
-  lines += ["", "| target | met |", "|---|---|"]
-  lines += [f"| {n} | {'met' if ok else 'MISSED'} |" for n, ok in targets(res)]
+  lines += common.targets_lines(targets(res))
   return "\n".join(lines)
 
 
 def main():
-  import argparse
-  import json
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--quick", action="store_true", help="tiny shape, depths 2 / 6")
-  ap.add_argument("--repeats", type=int, default=0)
-  ap.add_argument("--json", default=None)
-  a = ap.parse_args()
-  res = run(a.quick, a.repeats)
-  print(table(res))
-  if a.json:
-    with open(a.json, "w") as f:
-      json.dump(res, f, indent=1)
+  common.cli(__doc__, run, table, quick_help='tiny shape, depths 2 / 6')
 
 
 if __name__ == "__main__":

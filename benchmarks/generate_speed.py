@@ -20,6 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from benchmarks import common  # noqa: E402
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -144,24 +146,12 @@ def table(res: dict) -> str:
             "|---:|---:|---:|---:|"]
   lines += [f"| {t} | {n['prefill_programs']} | {n['decode_programs']} | "
             f"{n['first_call_s']:.2f} |" for t, n in res["new_prompt_len"].items()]
-  lines += ["",
-            "| target | met |", "|---|---|"]
-  lines += [f"| {t} | {'met' if ok else 'MISSED'} |" for t, ok in targets(res)]
+  lines += common.targets_lines(targets(res))
   return "\n".join(lines)
 
 
 def main():
-  import argparse
-  import json
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--quick", action="store_true")
-  ap.add_argument("--repeats", type=int, default=0)
-  ap.add_argument("--json", default=None)
-  a = ap.parse_args()
-  res = run(a.quick, a.repeats)
-  print(table(res))
-  if a.json:
-    json.dump(res, open(a.json, "w"), indent=1, default=str)
+  common.cli(__doc__, run, table)
 
 
 if __name__ == "__main__":

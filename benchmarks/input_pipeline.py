@@ -41,6 +41,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from benchmarks import common  # noqa: E402
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -129,16 +131,6 @@ def build(kind: str, work: str, quick: bool, **kw) -> dict:
 
 # --- the step -------------------------------------------------------------------------------
 
-def memory(compiled) -> dict:
-  m = compiled.memory_analysis()
-  if m is None:
-    return {}
-  out = {k: getattr(m, f"{k}_size_in_bytes", None) for k in
-         ("argument", "output", "alias", "temp", "generated_code")}
-  if None not in (out["argument"], out["output"], out["alias"], out["temp"]):
-    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-  out["xla_peak"] = getattr(m, "peak_memory_in_bytes", None) or None  # 0 / absent on CPU
-  return out
 
 
 def stepper(c, first: dict) -> dict:
@@ -175,8 +167,8 @@ def stepper(c, first: dict) -> dict:
     jax.block_until_ready(m["loss"])
     return (time.perf_counter() - t) / n
 
-  return dict(run=run, memory=memory(compiled), compile_s=compile_s, params=n_params,
-              batch_shape={k: tuple(v.shape) for k, v in first.items()})
+  return dict(run=run, memory=common.compiled_memory(compiled), compile_s=compile_s,
+              params=n_params, batch_shape={k: tuple(v.shape) for k, v in first.items()})
 
 
 # --- timing ---------------------------------------------------------------------------------
@@ -379,24 +371,12 @@ def table(res: dict) -> str:
                  f"{r['compile_s']:.1f} | {r['prep_s']:.1f} |")
   for s in res.get("skipped", []):
     lines += ["", f"Skipped: {s}."]
-  lines += ["", "| target | met |", "|---|---|"]
-  lines += [f"| {n} | {'met' if ok else 'MISSED'} |" for n, ok in targets(res)]
+  lines += common.targets_lines(targets(res))
   return "\n".join(lines)
 
 
 def main():
-  import argparse
-  import json
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--quick", action="store_true")
-  ap.add_argument("--repeats", type=int, default=0)
-  ap.add_argument("--json", default=None)
-  a = ap.parse_args()
-  res = run(a.quick, a.repeats)
-  print(table(res))
-  if a.json:
-    with open(a.json, "w") as f:
-      json.dump(res, f, indent=1, default=str)
+  common.cli(__doc__, run, table)
 
 
 if __name__ == "__main__":

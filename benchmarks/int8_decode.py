@@ -30,6 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from benchmarks import common  # noqa: E402
+
 import numpy as np  # noqa: E402
 
 FULL = dict(vocab=50257, seq=1024, width=768, depth=12, heads=12, prompt=32, new=64,
@@ -80,9 +82,7 @@ def _decode_peak(model, tokens: np.ndarray, new: int) -> float:
   finally:
     G._decode = orig
   a, k = seen["args"]
-  m = orig.lower(*a, **k).compile().memory_analysis()
-  return float(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-               + m.temp_size_in_bytes)
+  return float(common.compiled_memory(orig.lower(*a, **k).compile())["peak"])
 
 
 def run(quick: bool = False, repeats: int = 0) -> dict:
@@ -144,23 +144,12 @@ def table(res: dict) -> str:
       lines.append(f"| {b} | {n} | {r['decode_step_s'] * 1e3:.1f} | "
                    f"{f / r['decode_step_s']:.2f}x | {res['weight_bytes'][n] / mib:.0f} | "
                    f"{r['peak_bytes'] / mib:.0f} | {'-' if err is None else f'{err:.4f}'} |")
-  lines += ["", "| target | met |", "|---|---|"]
-  lines += [f"| {t} | {'met' if ok else 'MISSED'} |" for t, ok in targets(res)]
+  lines += common.targets_lines(targets(res))
   return "\n".join(lines)
 
 
 def main():
-  import argparse
-  import json
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--quick", action="store_true")
-  ap.add_argument("--repeats", type=int, default=0)
-  ap.add_argument("--json", default=None)
-  a = ap.parse_args()
-  res = run(a.quick, a.repeats)
-  print(table(res))
-  if a.json:
-    json.dump(res, open(a.json, "w"), indent=1, default=str)
+  common.cli(__doc__, run, table)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from benchmarks import common  # noqa: E402
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -267,8 +269,7 @@ def table(res: dict) -> str:
   t = targets(res)
   if not t:
     return "\n".join(lines + ["", "(No targets at the --quick shape.)"])
-  lines += ["", "| target | met |", "|---|---|"]
-  lines += [f"| {name} | {'met' if ok else 'MISSED'} |" for name, ok in t]
+  lines += common.targets_lines(t)
   return "\n".join(lines)
 
 

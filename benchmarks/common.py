@@ -1,0 +1,49 @@
+"""What the benchmark scripts share: a compiled program's memory, the targets table, and the
+command line of a script run on its own (``python benchmarks/NAME.py [--quick] [--repeats N]
+[--json PATH]``)."""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+from typing import Callable, Iterable
+
+
+def compiled_memory(compiled) -> dict:
+  """Bytes of a compiled program (``memory_analysis()``): argument, output, alias, temp,
+  generated_code, and peak = argument + output - alias + temp (XLA's own peak is 0 or
+  absent on CPU; kept as xla_peak where it is not). {} where the backend reports nothing."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  out = {k: getattr(m, f"{k}_size_in_bytes", None) for k in
+         ("argument", "output", "alias", "temp", "generated_code")}
+  if None not in (out["argument"], out["output"], out["alias"], out["temp"]):
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  out["xla_peak"] = getattr(m, "peak_memory_in_bytes", None) or None
+  return out
+
+
+def targets_lines(targets: Iterable[tuple[str, bool]]) -> list[str]:
+  """The "| target | met |" table (a blank line first) of ``(name, met)`` pairs."""
+  return ["", "| target | met |", "|---|---|"] + [
+      f"| {name} | {'met' if ok else 'MISSED'} |" for name, ok in targets]
+
+
+def cli(doc: str, run: Callable[..., dict], table: Callable[[dict], str],
+        quick_help: str = "tiny shapes: a smoke check of the machinery, not a measurement"
+        ) -> None:
+  """Parses the script's flags, runs it, prints its table, writes the raw results as JSON
+  with ``--json``. ``--repeats`` exists when ``run`` takes it."""
+  ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+  ap.add_argument("--quick", action="store_true", help=quick_help)
+  takes_repeats = "repeats" in inspect.signature(run).parameters
+  if takes_repeats:
+    ap.add_argument("--repeats", type=int, default=0, help="timed repeats (0: the default)")
+  ap.add_argument("--json", default=None, help="write the raw results here")
+  a = ap.parse_args()
+  res = run(a.quick, a.repeats) if takes_repeats else run(a.quick)
+  print(table(res))
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(res, f, indent=1, default=str)
