@@ -9,6 +9,31 @@ import json
 from typing import Callable, Iterable
 
 
+def fixed_batch_step(cfg, c, s: dict, seed: int = 0):
+  """gptjax's real jitted train step for ``ModelConfig`` ``cfg`` and run config ``c`` on one
+  device, with one random token batch of ``s["batch"]`` x ``s["seq"]`` (vocab
+  ``s["vocab"]``) placed on it: -> (jitted step, train state, batch)."""
+  import jax
+  import numpy as np
+
+  from gptjax import sharding as shd
+  from gptjax.batch import batch_shardings
+  from gptjax.train.optim import make_optimizer
+  from gptjax.train.state import create_train_state
+  from gptjax.train.step import jit_train_step, make_train_step
+  mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  tx = make_optimizer(c)
+  graphdef, rest, state, state_sh = create_train_state(cfg, tx, mesh, seed)
+  keys = ("inputs", "targets", "loss_mask")
+  bsh = {k: v for k, v in batch_shardings(mesh).items() if k in keys}
+  step = jit_train_step(make_train_step(graphdef, rest, tx), state_sh, bsh, mesh)
+  rng = np.random.default_rng(seed)
+  toks = rng.integers(0, s["vocab"], (s["batch"], s["seq"] + 1), dtype=np.int32)
+  batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
+           "loss_mask": np.ones((s["batch"], s["seq"]), np.float32)}
+  return step, state, {k: jax.device_put(v, bsh[k]) for k, v in batch.items()}
+
+
 def compiled_memory(compiled) -> dict:
   """Bytes of a compiled program (``memory_analysis()``): argument, output, alias, temp,
   generated_code, and peak = argument + output - alias + temp (XLA's own peak is 0 or

@@ -25,7 +25,6 @@ if ROOT not in sys.path:
 from benchmarks import common  # noqa: E402
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 SHAPE = dict(width=128, heads=4, mlp=512, seq=64, batch=8, vocab=260)
 QUICK_SHAPE = dict(width=32, heads=2, mlp=64, seq=16, batch=2, vocab=260)
@@ -46,27 +45,11 @@ def name(depth: int, scan: bool, remat: str) -> str:
 def build(s: dict, depth: int, scan: bool, remat: str, seed: int = 0):
   """-> (compile seconds, step(), sync()) for one variant."""
   from benchmarks.train_speed import train_config
-  from gptjax import sharding as shd
-  from gptjax.batch import batch_shardings
   from gptjax.config import ModelConfig
-  from gptjax.train.optim import make_optimizer
-  from gptjax.train.state import create_train_state
-  from gptjax.train.step import jit_train_step, make_train_step
   cfg = ModelConfig(vocab_size=s["vocab"], max_seq_len=s["seq"], width=s["width"],
                     depth=depth, num_heads=s["heads"], mlp_dim=s["mlp"], scan_layers=scan,
                     remat=remat)
-  c = train_config(dict(s, depth=depth))
-  mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  tx = make_optimizer(c)
-  graphdef, rest, state, state_sh = create_train_state(cfg, tx, mesh, seed)
-  keys = ("inputs", "targets", "loss_mask")
-  bsh = {k: v for k, v in batch_shardings(mesh).items() if k in keys}
-  step = jit_train_step(make_train_step(graphdef, rest, tx), state_sh, bsh, mesh)
-  rng = np.random.default_rng(seed)
-  toks = rng.integers(0, s["vocab"], (s["batch"], s["seq"] + 1), dtype=np.int32)
-  batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
-           "loss_mask": np.ones((s["batch"], s["seq"]), np.float32)}
-  batch = {k: jax.device_put(v, bsh[k]) for k, v in batch.items()}
+  step, state, batch = common.fixed_batch_step(cfg, train_config(dict(s, depth=depth)), s, seed)
   lowered = step.lower(state, batch)
   t = time.perf_counter()
   compiled = lowered.compile()

@@ -29,7 +29,6 @@ if ROOT not in sys.path:
 from benchmarks import common  # noqa: E402
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 SHAPES = {
     "a": dict(depth=4, width=128, heads=4, mlp=512, seq=64, batch=12, vocab=260),
@@ -65,23 +64,7 @@ def train_config(s: dict, steps: int = 1000):
 
 def gptjax_stepper(s: dict, seed: int = 0):
   """() -> run one step on a fixed batch; returns (step_fn, sync_fn)."""
-  from gptjax import sharding as shd
-  from gptjax.batch import batch_shardings
-  from gptjax.train.optim import make_optimizer
-  from gptjax.train.state import create_train_state
-  from gptjax.train.step import jit_train_step, make_train_step
-  c = train_config(s)
-  mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  tx = make_optimizer(c)
-  graphdef, rest, state, state_sh = create_train_state(model_config(s), tx, mesh, seed)
-  keys = ("inputs", "targets", "loss_mask")
-  bsh = {k: v for k, v in batch_shardings(mesh).items() if k in keys}
-  step = jit_train_step(make_train_step(graphdef, rest, tx), state_sh, bsh, mesh)
-  rng = np.random.default_rng(seed)
-  toks = rng.integers(0, s["vocab"], (s["batch"], s["seq"] + 1), dtype=np.int32)
-  batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
-           "loss_mask": np.ones((s["batch"], s["seq"]), np.float32)}
-  batch = {k: jax.device_put(v, bsh[k]) for k, v in batch.items()}
+  step, state, batch = common.fixed_batch_step(model_config(s), train_config(s), s, seed)
   box = {"state": state, "m": None}
 
   def run():
