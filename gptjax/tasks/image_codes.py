@@ -10,8 +10,10 @@ commitment / codebook losses or their weights, one MSE loss.
 The codes of an image are read in raster order, the order a decoder generates them in:
 row by row (``order="rows"``) or column by column (``order="columns"``). Columns suit
 captions that name objects left to right, as ``shapes``' do: the decoder then meets the
-objects in the order the caption lists them (measured on ``shapes``: see the multitask
-config). ``encode`` / ``decode`` are jitted pure functions of ``nnx.split(model)``.
+objects in the order the caption lists them. Measured on ``shapes`` (the multitask config,
+2-layer decoder, with twice the draw rows): drawings matched their prompt's colours and
+count sooner (0.28 vs 0.16 at 2,000 steps) but levelled off where row order does (~0.3).
+``encode`` / ``decode`` are jitted pure functions of ``nnx.split(model)``.
 """
 from __future__ import annotations
 
