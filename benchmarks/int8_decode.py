@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 
 FULL = dict(vocab=50257, seq=1024, width=768, depth=12, heads=12, prompt=32, new=64,
             batches=(1, 8))
-QUICK = dict(vocab=260, seq=64, width=64, depth=2, heads=4, prompt=8, new=8, batches=(1, 8))
+QUICK = dict(vocab=260, seq=64, width=64, depth=2, heads=4, prompt=8, new=8, batches=(2,))
 
 
 def build(s: dict) -> tuple[dict, dict]:

@@ -102,12 +102,13 @@ def test_batches_mix_draw_rows_and_restore(run, pack):
   have one length; a restored iterator continues with the same batches."""
   from gptjax.data.datasets import load_source
   from gptjax.tasks import image_codes as ic
+  from gptjax.tasks import image_codes_store as ic_store
   from gptjax.train import draw_data
   c, workdir, _ = run
   c = c.copy_and_resolve_references()
   c.data.pack = pack
   src = load_source("shapes", "train", data_dir=c.data.data_dir, **SHAPES_KW)
-  tokenizer = ic.load(os.path.join(workdir, "image_codes"))
+  tokenizer = ic_store.load(os.path.join(workdir, "image_codes"))
   images = np.stack([src[i]["image"] for i in range(len(src))])
   want = {tuple(row) for row in ic.encode(tokenizer, images)}
   d = draw_data.prepare(c, workdir, src, progress=False)
@@ -157,12 +158,13 @@ def test_resume_keeps_the_tokenizer_and_the_data_position(run, monkeypatch):
   pipeline, continues exactly where an uninterrupted one would."""
   from gptjax.data.datasets import load_source
   from gptjax.tasks import image_codes as ic
+  from gptjax.tasks import image_codes_store as ic_store
   from gptjax.train import draw_data
   c, workdir, _ = run
   path = os.path.join(workdir, "image_codes")
   src = load_source("shapes", "train", data_dir=c.data.data_dir, **SHAPES_KW)
   images = np.stack([src[i]["image"] for i in range(len(src))])
-  before = ic.encode(ic.load(path), images)
+  before = ic.encode(ic_store.load(path), images)
   mtime = os.path.getmtime(os.path.join(path, "params.safetensors"))
 
   def no_retraining(*a, **k):

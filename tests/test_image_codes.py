@@ -15,6 +15,7 @@ from gptjax.data.tokenizers import ByteTokenizer, WordTokenizer
 from gptjax.data.builders.shapes.shapes import vocabulary
 from gptjax.generate import generate
 from gptjax.tasks import drawing as draw, image_codes as ic, shapes_analyser as sa
+from gptjax.tasks import image_codes_store as ic_store
 
 STEPS = 300  # measured: palette accuracy 0.979, foreground 0.904 at 300 steps (see below)
 
@@ -124,26 +125,26 @@ def test_column_order(trained, tmp_path):
   assert cols[0, 1] == grid[0, 1, 0] and cols[0, g] == grid[0, 0, 1]
   np.testing.assert_array_equal(cols.reshape(-1, g, g), grid.transpose(0, 2, 1))
   np.testing.assert_array_equal(ic.decode(cols_model, cols), ic.decode(model, rows))
-  ic.save(cols_model, cols_model.config, str(tmp_path / "cols"))
-  assert ic.load(str(tmp_path / "cols")).config.order == "columns"
+  ic_store.save(cols_model, cols_model.config, str(tmp_path / "cols"))
+  assert ic_store.load(str(tmp_path / "cols")).config.order == "columns"
 
 
 def test_save_load_round_trip(trained, tmp_path):
   model, _, held = trained
   images = np.stack([e["image"] for e in held[:32]])
   path = str(tmp_path / "run" / "image_codes")
-  ic.save(model, model.config, path)
-  ic.save(model, model.config, path)  # replacing an existing one works
+  ic_store.save(model, model.config, path)
+  ic_store.save(model, model.config, path)  # replacing an existing one works
   assert sorted(os.listdir(tmp_path / "run")) == ["image_codes"]  # no temporaries left
-  loaded = ic.load(path)
+  loaded = ic_store.load(path)
   assert loaded.config == model.config
   np.testing.assert_array_equal(ic.encode(loaded, images), ic.encode(model, images))
   codes = ic.encode(model, images)
   np.testing.assert_array_equal(ic.decode(loaded, codes), ic.decode(model, codes))
   with pytest.raises(ValueError, match="config"):
-    ic.save(model, dataclasses.replace(model.config, grid=4), path)
+    ic_store.save(model, dataclasses.replace(model.config, grid=4), path)
   with pytest.raises(ValueError, match="directory"):
-    ic.load(str(tmp_path / "nothing"))
+    ic_store.load(str(tmp_path / "nothing"))
 
 
 def _tiny_model(vocab_size):

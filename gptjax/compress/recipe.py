@@ -41,7 +41,7 @@ from gptjax.compress.report import TASK_COLUMNS, StageResult, write_report
 from gptjax.config import ModelConfig
 from gptjax.generate import generate
 from gptjax.model import count_params
-from gptjax.tasks import image_codes
+from gptjax.tasks import image_codes_store
 from gptjax.train import config as train_config
 from gptjax.train import draw_data
 from gptjax.train.checkpoint import CheckpointCorruptError
@@ -172,7 +172,7 @@ def task_metrics(model: nnx.Module, c, teacher_c, codes_dir: Optional[str]) -> d
       out.update({k: v for k, v in retrieval_eval(model, rc, src).items()
                   if k in TASK_COLUMNS})
   if teacher_c.get("draw", {}).get("enabled", False) and codes_dir and os.path.isdir(codes_dir):
-    m = draw_metrics(model, c, split, image_codes.load(codes_dir))
+    m = draw_metrics(model, c, split, image_codes_store.load(codes_dir))
     out.update({k: v for k, v in m.items() if k in TASK_COLUMNS})
   return out
 

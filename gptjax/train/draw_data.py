@@ -30,6 +30,7 @@ from gptjax.data.pipeline import (DrawSource, Pipeline, TaskSource, batch_iterat
                                   encode_caption, encode_packed, encode_vqa, tasks_per_record)
 from gptjax.layers.attention import PAD_SEGMENT
 from gptjax.tasks import image_codes as ic
+from gptjax.tasks import image_codes_store as ic_store
 from gptjax.tasks.drawing import DrawTokens, draw_tokens
 from gptjax.train.config import fail, image_codes_config, tokenizer_for
 
@@ -82,8 +83,8 @@ def prepare(c, workdir: str, train_source, *, progress: Optional[bool] = None) -
   tok = tokenizer_for(c)
   _check_prompts(c, train_source, tok)
   trained, recon = False, None
-  if os.path.exists(os.path.join(path, ic.CONFIG_FILE)):
-    model = ic.load(path)
+  if os.path.exists(os.path.join(path, ic_store.CONFIG_FILE)):
+    model = ic_store.load(path)
     if model.config != want:
       fail("draw.codes", c.draw.codes.to_dict(), f"differs from the image tokenizer this run "
            f"already trained ({path}: {model.config}); the decoder learnt its codes, so a "
@@ -97,7 +98,7 @@ def prepare(c, workdir: str, train_source, *, progress: Optional[bool] = None) -
         seed=c.seed, progress=bool(show) and jax.process_index() == 0)
     recon = ic.reconstruction_error(model, images[:2048])
     if jax.process_index() == 0:  # every process trained the same model (same seed, data)
-      ic.save(model, want, path)
+      ic_store.save(model, want, path)
     trained = True
     log.info("draw: image tokenizer trained in %.1f s (%d steps), saved to %s; train "
              "reconstruction: %s", info["seconds"], info["steps"], path,
@@ -113,7 +114,7 @@ def load_image_codes(workdir: str) -> ic.ImageCodes:
   if not os.path.isdir(path):
     raise ValueError(f"workdir={workdir!r} has no {CODES_DIR}/: not a run trained with "
                      "config.draw.enabled=True")
-  return ic.load(path)
+  return ic_store.load(path)
 
 
 def _conform(row: dict, like: dict, tok) -> dict:
