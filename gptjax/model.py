@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from gptjax.config import ModelConfig
+from gptjax.init import compiled_init
 from gptjax.layers.attention import PAD_SEGMENT, SHARED_SEGMENT, KVCache, LinearState
 from gptjax.layers.block import Block, BlockConfig, make_dropout
 from gptjax.layers.contrastive import ContrastiveHead
@@ -355,8 +356,8 @@ class VLM(nnx.Module):
 def from_config(cfg: ModelConfig, seed: int = 0) -> nnx.Module:
   """A randomly initialised model of ``cfg``: a ``VLM`` when ``cfg.vision`` is set, else a
   ``GPT``. ``seed`` seeds the parameters (and ``seed + 1`` the dropout stream)."""
-  rngs = nnx.Rngs(params=seed, dropout=seed + 1)
-  return (VLM if cfg.vision is not None else GPT)(cfg, rngs=rngs)
+  cls = VLM if cfg.vision is not None else GPT
+  return compiled_init(lambda: cls(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1)))
 
 
 def count_params(model_or_state) -> int:

@@ -13,6 +13,7 @@ from flax import nnx
 
 import gptjax
 from gptjax.compress import distill
+from gptjax.init import compiled_init
 
 from _train_helpers import PYTHON, python_env, shapes_data_dir  # noqa: F401 - pytest fixture
 
@@ -91,10 +92,13 @@ def test_distill_loss_mixes_kd_ce_and_hidden_matching_for_unlike_models():
   sum_masked[alpha * T^2 KL + (1 - alpha) CE + w * mean((h_s P - h_t)^2)], and no gradient
   reaches the frozen teacher."""
   vocab = 50
-  teacher = gptjax.VLM(gptjax.ModelConfig(vocab_size=vocab, **_TEACHER), rngs=nnx.Rngs(0))
-  student = distill.Student(
+  # Built as one compiled program each (gptjax.init.compiled_init): eagerly, every
+  # parameter shape's initializer is an XLA compilation of its own.
+  teacher = compiled_init(lambda: gptjax.VLM(gptjax.ModelConfig(vocab_size=vocab, **_TEACHER),
+                                             rngs=nnx.Rngs(0)))
+  student = compiled_init(lambda: distill.Student(
       gptjax.VLM(gptjax.ModelConfig(vocab_size=vocab, **_STUDENT), rngs=nnx.Rngs(1)),
-      teacher_width=48, rngs=nnx.Rngs(2))
+      teacher_width=48, rngs=nnx.Rngs(2)))
   rng = np.random.default_rng(0)
   batch = dict(inputs=rng.integers(0, vocab, (2, 12)).astype(np.int32),
                targets=rng.integers(0, vocab, (2, 12)).astype(np.int32),

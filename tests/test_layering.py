@@ -11,7 +11,8 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # Floors, lowest first: a module may import its own floor and those below, never above.
 FLOORS = [
-    ("gptjax.tree", "gptjax.sharding", "gptjax.config", "gptjax.flops", "gptjax.layers"),
+    ("gptjax.tree", "gptjax.sharding", "gptjax.config", "gptjax.flops", "gptjax.init",
+     "gptjax.layers"),
     ("gptjax.vision", "gptjax.model", "gptjax.batch"),
     ("gptjax.generate",),
     ("gptjax.data",),

@@ -6,12 +6,12 @@ from typing import Any, Callable, Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from gptjax import sharding as shd
 from gptjax.config import ModelConfig
+from gptjax.init import init_compiler_options
 from gptjax.model import from_config
 
 
@@ -70,28 +70,10 @@ def create_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh,
   with jax.set_mesh(mesh):
     init_fn = jax.jit(init, out_shardings=(shardings, shd.replicated(mesh)))
     compiled = init_fn.lower(init_params).compile(
-        compiler_options=init_compiler_options(abstract_state.params, mesh))
+        compiler_options=init_compiler_options(abstract_state.params,
+                                               mesh.devices.flat[0].platform))
     state, rest = compiled(init_params)
   return graphdef, rest, state, shardings
-
-
-# Below this many parameters a CPU init compiles unoptimised (see init_compiler_options).
-FAST_INIT_COMPILE_MAX_PARAMS = 8_000_000
-
-
-def init_compiler_options(params, mesh) -> dict:
-  """XLA options for the one-off initialisation program. On CPU, LLVM's optimisation of the
-  random-number code dominates a small model's init compile, and the program runs once.
-  Measured on a 2-core CPU: ``mini`` preset compile 4.5 s -> 1.4 s unoptimised, run 0.01 s
-  -> 0.07 s; a tiny VLM on 8 devices 78 s -> 9.5 s (a loaded machine); GPT-2 small compile
-  12.8 s -> 5.2 s but run 4.2 s -> 19.6 s. So unoptimised below
-  ``FAST_INIT_COMPILE_MAX_PARAMS`` parameters, on CPU only; other backends as usual."""
-  if mesh.devices.flat[0].platform != "cpu":
-    return {}
-  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  if n >= FAST_INIT_COMPILE_MAX_PARAMS:
-    return {}
-  return {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def abstract_train_state(state: TrainState, shardings) -> Any:
