@@ -46,10 +46,11 @@ def build(s: dict) -> tuple[dict, dict]:
 
   from gptjax.compress import quantize as Q
   from gptjax.config import ModelConfig
+  from gptjax.init import compiled_init
   from gptjax.model import GPT
   cfg = ModelConfig(vocab_size=s["vocab"], max_seq_len=s["seq"], width=s["width"],
                     depth=s["depth"], num_heads=s["heads"], mlp_dim=4 * s["width"])
-  model = GPT(cfg, rngs=nnx.Rngs(0))
+  model = compiled_init(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
   rng = np.random.default_rng(1)
   batch = {"inputs": jnp.asarray(rng.integers(0, s["vocab"], (4, 64)), jnp.int32)}
   variants = {

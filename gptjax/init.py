@@ -9,7 +9,8 @@ optimised: 8.2 s here), so it is written here.
 """
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+import collections
+from typing import Callable, Hashable, Optional, TypeVar
 
 import jax
 import numpy as np
@@ -46,17 +47,36 @@ def _tracing() -> bool:
     return True
 
 
-def compiled_init(make: Callable[[], M]) -> M:
-  """``make()`` (a module constructor with its ``nnx.Rngs``), run as one compiled program
-  on the default device when that is a CPU and the module is small (see
-  ``init_compiler_options``); otherwise, or inside a trace, simply ``make()``. The
-  parameters are the same random draws either way (equal up to float32 rounding)."""
+# Compiled init programs by the caller's key (e.g. (class, config)): a model built again
+# (another seed, another test, a notebook cell run twice) runs its program, not a compile.
+_PROGRAMS: "collections.OrderedDict[Hashable, tuple]" = collections.OrderedDict()
+_MAX_PROGRAMS = 32
+
+
+def compiled_init(make: Callable[..., M], *args, key: Optional[Hashable] = None) -> M:
+  """``make(*args)`` (a module constructor with its ``nnx.Rngs``; ``args`` e.g. the seed,
+  traced: every value shares the program), run as one compiled program on the default
+  device when that is a CPU and the module is small (see ``init_compiler_options``);
+  otherwise, or inside a trace, simply ``make(*args)``. The parameters are the same random
+  draws either way (equal up to float32 rounding). ``key``: a hashable name of the module's
+  structure (what ``make`` builds apart from ``args``); programs are kept by it, so building
+  the same structure again does not compile again."""
   if _tracing():
-    return make()
-  abstract = nnx.eval_shape(make)
+    return make(*args)
+  args = tuple(jax.numpy.asarray(a) for a in args)
+  if key is not None and key in _PROGRAMS:
+    _PROGRAMS.move_to_end(key)
+    graphdef, program = _PROGRAMS[key]
+    return nnx.merge(graphdef, program(*args))
+  abstract = nnx.eval_shape(make, *args)
   options = init_compiler_options(nnx.state(abstract, nnx.Param), jax.default_backend())
   if not options:
-    return make()
+    return make(*args)
   graphdef, _ = nnx.split(abstract)
-  program = jax.jit(lambda: nnx.split(make())[1]).lower().compile(compiler_options=options)
-  return nnx.merge(graphdef, program())
+  program = jax.jit(lambda *a: nnx.split(make(*a))[1]).lower(*args).compile(
+      compiler_options=options)
+  if key is not None:
+    _PROGRAMS[key] = graphdef, program
+    while len(_PROGRAMS) > _MAX_PROGRAMS:
+      _PROGRAMS.popitem(last=False)
+  return nnx.merge(graphdef, program(*args))

@@ -357,7 +357,11 @@ def from_config(cfg: ModelConfig, seed: int = 0) -> nnx.Module:
   """A randomly initialised model of ``cfg``: a ``VLM`` when ``cfg.vision`` is set, else a
   ``GPT``. ``seed`` seeds the parameters (and ``seed + 1`` the dropout stream)."""
   cls = VLM if cfg.vision is not None else GPT
-  return compiled_init(lambda: cls(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1)))
+  # nnx.Rngs(params=seed) is nnx.Rngs(params=jax.random.key(seed)); the seed is traced, so
+  # every seed shares one compiled init program.
+  make = lambda s: cls(cfg, rngs=nnx.Rngs(params=jax.random.key(s),  # noqa: E731
+                                          dropout=jax.random.key(s + 1)))
+  return compiled_init(make, seed, key=(cls, cfg))
 
 
 def count_params(model_or_state) -> int:

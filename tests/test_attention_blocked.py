@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import gptjax
+from gptjax.init import compiled_init
 from gptjax.layers import attention as A
 from gptjax.layers import blocked_attention as BA
 
@@ -140,8 +141,8 @@ def test_auto_picks_blocked_above_threshold_and_rejects_unknown():
 def tiny_models():
   """The same weights with attention_impl 'xla' and 'blocked' (8-token blocks)."""
   cfg = gptjax.preset("tiny", position="rope", depth=1)
-  ref = gptjax.GPT(cfg, rngs=nnx.Rngs(0))
-  # Built abstractly and given ref's weights: half the (slow, eager) initialisation.
+  ref = compiled_init(lambda: gptjax.GPT(cfg, rngs=nnx.Rngs(0)))
+  # Built abstractly and given ref's weights: one initialisation, not two.
   blk = nnx.eval_shape(lambda: gptjax.GPT(dataclasses.replace(cfg, attention_impl="blocked"),
                                           rngs=nnx.Rngs(0)))
   nnx.update(blk, nnx.state(ref))

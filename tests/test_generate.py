@@ -56,8 +56,8 @@ def _greedy_reference(model, tokens, n, image=None):
 def _make(kind, attention="softmax", **kw):
   cfg = dataclasses.replace(TINY, attention=attention, linear_chunk_size=4, **kw)
   if kind == "gpt":
-    return gptjax.GPT(cfg, rngs=nnx.Rngs(0)), None
-  vlm = gptjax.VLM(dataclasses.replace(cfg, vision=CNN), rngs=nnx.Rngs(0))
+    return gptjax.from_config(cfg, seed=0), None
+  vlm = gptjax.from_config(dataclasses.replace(cfg, vision=CNN), seed=0)
   return vlm, _images(1)
 
 

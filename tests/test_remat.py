@@ -29,7 +29,8 @@ def test_remat_matches_plain_forward_and_gradients():
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)  # float reassociation only
   # Remat is visible in the traced program: the backward recomputes under a checkpoint.
-  model = gptjax.GPT(dataclasses.replace(cfg, remat=True), rngs=nnx.Rngs(0))
+  model = nnx.eval_shape(lambda: gptjax.GPT(dataclasses.replace(cfg, remat=True),
+                                            rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(model, nnx.Param)
   jaxpr = jax.make_jaxpr(jax.grad(lambda p: nnx.merge(graphdef, p)(tokens).sum()))(params)
   assert "remat" in str(jaxpr) or "checkpoint" in str(jaxpr)

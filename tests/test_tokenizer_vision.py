@@ -7,6 +7,7 @@ from flax import nnx
 import gptjax
 from gptjax.data.builders.shapes import shapes as shapes_lib
 from gptjax.data.tokenizers import ByteTokenizer, WordTokenizer, make_tokenizer
+from gptjax.init import compiled_init
 from gptjax.vision import CNNEncoder
 
 
@@ -112,7 +113,7 @@ def test_global_token_feeds_vlm():
   vision = gptjax.VisionConfig(kind="vit", image_size=16, patch_size=8, width=16, depth=1,
                                num_heads=2, mlp_dim=16, global_token=True)
   cfg = gptjax.preset("tiny", vision=vision, max_seq_len=32)
-  model = gptjax.VLM(cfg, rngs=nnx.Rngs(0))
+  model = compiled_init(lambda: gptjax.VLM(cfg, rngs=nnx.Rngs(0)))
   image = np.random.default_rng(0).random((2, 16, 16, 3)).astype(np.float32)
   tokens = model.vision(image)
   assert tokens.shape == (2, 5, 16)  # 2x2 patches + the global token

@@ -23,6 +23,10 @@ def _probe_batch(vocab: int):
               image=(rng.random((2, 16, 16, 3))).astype(np.float32))
 
 
+# Jitted forwards: eagerly, every op of a (QAT / int8) model compiles on its own.
+_fwd = nnx.jit(lambda m, tokens, image: m(tokens, image))
+
+
 def _kernels_and_others(params):
   """(kernel leaves, every other leaf) by name: the prunable ones are exactly the
   ``kernel`` arrays here (embedding / position tables, biases and norms are not)."""
@@ -62,11 +66,11 @@ def test_qat_from_config_trains_reloads_and_converts(shapes_data_dir, compile_ca
   by_hand = make_model(mcfg)
   nnx.update(by_hand, qp)
   batch = _probe_batch(mcfg.vocab_size)
-  qat_out = model(batch["inputs"], batch["image"])
+  qat_out = _fwd(model, batch["inputs"], batch["image"])
   np.testing.assert_allclose(
-      np.asarray(Q.qat_model(by_hand)(batch["inputs"], batch["image"])), np.asarray(qat_out),
-      rtol=1e-5, atol=1e-5)
-  float_out = by_hand(batch["inputs"], batch["image"])
+      np.asarray(_fwd(Q.qat_model(by_hand), batch["inputs"], batch["image"])),
+      np.asarray(qat_out), rtol=1e-5, atol=1e-5)
+  float_out = _fwd(by_hand, batch["inputs"], batch["image"])
   rel = float(jnp.linalg.norm(qat_out - float_out) / jnp.linalg.norm(float_out))
   assert 1e-4 < rel < 0.05, rel  # fake quantization is on, and int8-sized
   # ... and it converts to a real int8 model that computes what training saw.
@@ -76,7 +80,7 @@ def test_qat_from_config_trains_reloads_and_converts(shapes_data_dir, compile_ca
   qvalues = [k for k in leaves if k.endswith("['qvalue']")]
   assert "['decoder']['blocks'][0]['mlp']['up']['kernel']['array']['qvalue']" in qvalues
   assert all(leaves[k].dtype == jnp.int8 for k in qvalues)
-  real = q8(batch["inputs"], batch["image"])
+  real = _fwd(q8, batch["inputs"], batch["image"])
   assert float(jnp.linalg.norm(real - qat_out) / jnp.linalg.norm(qat_out)) < 1e-2
 
 
