@@ -9,9 +9,11 @@ import gptjax
 from gptjax.init import compiled_init, init_compiler_options
 from gptjax.model import VLM, from_config
 
-# One block, a small CNN: every kind of initializer the models use, few shapes to compile.
-CFG = gptjax.preset("tiny", depth=1, max_seq_len=48, vision=gptjax.VisionConfig(
-    kind="cnn", image_size=16, cnn_channels=(8,), width=16))
+# One block, a one-layer CNN: every kind of initializer the models use (normal tables,
+# truncated-normal kernels, convolutions, zeros, ones), few shapes to compile eagerly.
+CFG = gptjax.preset("tiny", depth=1, width=32, num_heads=2, max_seq_len=32,
+                    vision=gptjax.VisionConfig(kind="cnn", image_size=8, cnn_channels=(4,),
+                                               width=8))
 
 
 def test_compiled_init_equals_eager_construction():

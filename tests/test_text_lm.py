@@ -44,7 +44,7 @@ def test_memorised_file_is_sampled_back_byte_for_byte(tmp_path, capsys):
   c.data.seq_len = 128
   c.data.eval_split = c.data.test_split = ""
   c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay = 3e-3, 20, 0.0
-  c.train.steps, c.train.batch_size, c.train.log_every = 300, 8, 50
+  c.train.steps, c.train.batch_size, c.train.log_every = 200, 8, 50
   c.checkpoint.every = 1000
   c.eval.every, c.eval.at_end = 0, False
   c.logging.progress = c.logging.tensorboard = c.logging.plot = False
