@@ -38,7 +38,8 @@ def test_inside_a_trace_it_is_the_plain_constructor():
   abstract = nnx.eval_shape(lambda: from_config(CFG, 0))
   leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
   assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
-  kernel = jax.jit(lambda: from_config(CFG, 0).decoder.embed.embedding[...])()  # no nested program
+  # Inside jit: built in the trace, not as a nested compiled program.
+  kernel = jax.jit(lambda: from_config(CFG, 0).decoder.embed.embedding[...])()
   assert kernel.shape == (CFG.vocab_size, CFG.width) and np.isfinite(np.asarray(kernel)).all()
 
 
