@@ -13,6 +13,7 @@ import collections
 from typing import Callable, Hashable, Optional, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -61,9 +62,9 @@ def compiled_init(make: Callable[..., M], *args, key: Optional[Hashable] = None)
   draws either way (equal up to float32 rounding). ``key``: a hashable name of the module's
   structure (what ``make`` builds apart from ``args``); programs are kept by it, so building
   the same structure again does not compile again."""
-  if _tracing():
+  if _tracing() or jax.default_backend() != "cpu":  # no abstract trace to find that out
     return make(*args)
-  args = tuple(jax.numpy.asarray(a) for a in args)
+  args = tuple(jnp.asarray(a) for a in args)
   if key is not None and key in _PROGRAMS:
     _PROGRAMS.move_to_end(key)
     graphdef, program = _PROGRAMS[key]
