@@ -69,7 +69,8 @@ def load(directory: str) -> ImageCodes:
   if meta.get("format") != FORMAT:
     raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
   config = ImageCodesConfig.from_json(meta["config"])
-  model = ImageCodes(config, rngs=nnx.Rngs(0))
+  # Abstract: every parameter is replaced by the stored one, so none is initialised.
+  model = nnx.eval_shape(lambda: ImageCodes(config, rngs=nnx.Rngs(0)))
   state = nnx.state(model, nnx.Param)
   keys, values, treedef = _flat(nnx.to_pure_dict(state))
   stored = load_file(os.path.join(directory, PARAMS_FILE))
