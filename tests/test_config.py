@@ -210,3 +210,19 @@ def test_saved_run_config_of_the_old_layout_is_migrated(tmp_path):
   assert loaded.version == 2
   assert model_config(loaded) == today
   assert model_config(loaded).max_total_len == 64
+
+
+def test_saved_draw_section_gains_keys_added_since(tmp_path):
+  """A draw run saved before ``draw.best_of`` existed loads with its default (1: single
+  samples, what that run drew), its own values kept."""
+  import json
+
+  from gptjax.runs import base_config
+  from gptjax.train.load import load_run_config
+  c = base_config()
+  old = json.loads(c.to_json_best_effort())
+  del old["draw"]["best_of"]
+  old["draw"]["cfg_scale"] = 2.5
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  loaded = load_run_config(str(tmp_path))
+  assert loaded.draw.best_of == 1 and loaded.draw.cfg_scale == 2.5

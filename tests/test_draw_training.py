@@ -29,7 +29,7 @@ def draw_config(data_dir: str, **draw):
   c.draw.codes.grid, c.draw.codes.levels = GRID, LEVELS
   c.draw.codes.channels, c.draw.codes.head, c.draw.codes.depth = 8, 1, 0  # depth 1: +20 s compile
   c.draw.codes.steps, c.draw.codes.batch_size = 3, 16
-  c.draw.eval_examples, c.draw.samples = 4, 2
+  c.draw.eval_examples, c.draw.samples, c.draw.best_of = 4, 2, 2
   c.train.steps = 3
   c.data.test_split = ""  # the final eval on validation only: one more eval costs ~6 s
   for k, v in draw.items():
@@ -76,6 +76,8 @@ def test_validation_names_keys_and_numbers(shapes_data_dir):  # noqa: F811
   assert "config.draw.enabled" in _err(c)
   c = draw_config(shapes_data_dir, rows_fraction=1.0)
   assert "config.draw.rows_fraction" in _err(c)
+  c = draw_config(shapes_data_dir, best_of=0)
+  assert "config.draw.best_of" in _err(c)
   c = draw_config(shapes_data_dir)
   c.draw.codes.grid = 5  # 16 px images do not divide into 5 x 5 cells
   assert "config.draw.codes" in _err(c)
@@ -148,6 +150,9 @@ def test_run_trains_saves_codes_and_reports_metrics(run):
       assert 0.0 <= m[k] <= 1.0, (split, k, m[k])
     assert m["draw_color_and_count"] <= min(m["draw_colors"], m["draw_count"])
     assert m["draw_all"] <= m["draw_color_and_count"]
+    for k in ("draw_best_colors", "draw_best_count", "draw_best_color_and_count",
+              "draw_best_all"):  # best_of=2: the model's pick of two samples per prompt
+      assert 0.0 <= m[k] <= 1.0, (split, k, m[k])
   assert os.path.exists(os.path.join(workdir, "drawings_eval.png"))
 
 
@@ -189,6 +194,32 @@ def test_resume_keeps_the_tokenizer_and_the_data_position(run, monkeypatch):
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_best_of_keeps_the_sample_the_model_scores_highest(run):
+  """``draw_best_of``: K samples per caption, the kept one is the argmax of the caption's
+  likelihood given each sample, recomputed here through the full score grid
+  (``generative_scores``, a second code path); K = 1 is plain ``draw_images``."""
+  from gptjax.runs import load_model
+  from gptjax.tasks.match import generative_scores
+  from gptjax.train.draw_data import load_image_codes
+  from gptjax.train.evaluate_draw import draw_best_of, draw_images
+  from gptjax.train.load import load_run_tokenizer
+  c, workdir, _ = run
+  model, codes, tok = load_model(workdir), load_image_codes(workdir), load_run_tokenizer(workdir, c)
+  caps = ["a red circle", "a blue square and a green triangle"]
+  chosen, cands, scores = draw_best_of(model, c, caps, codes, 3, seed=1, tokenizer=tok)
+  assert cands.shape == (2, 3, 16, 16, 3) and chosen.shape == (2, 16, 16, 3)
+  for i, cap in enumerate(caps):
+    s = generative_scores(model, cands[i], [cap], tok)[:, 0]
+    np.testing.assert_allclose(scores[i], s, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(chosen[i], cands[i][int(np.argmax(s))])
+  single, one, none = draw_best_of(model, c, caps, codes, 1, seed=1, tokenizer=tok)
+  assert none is None
+  np.testing.assert_array_equal(single, draw_images(model, c, caps, codes, seed=1, tokenizer=tok))
+  assert one.shape == (2, 1, 16, 16, 3)
+  with pytest.raises(ValueError, match="best_of=0 is invalid"):
+    draw_best_of(model, c, caps, codes, 0)
+
+
 def test_cli_draws_a_grid_and_fails_cleanly(run, tmp_path, capsys, compile_cache_dir):
   from gptjax.tasks import draw as cli
   from gptjax.train.load import save_run_config
@@ -215,3 +246,6 @@ def test_cli_draws_a_grid_and_fails_cleanly(run, tmp_path, capsys, compile_cache
   rc = cli.main(["--workdir", workdir, "a red circle", "--n", "0", "--out", str(out)])
   err = capsys.readouterr().err
   assert rc == 2 and "--n=0" in err
+  rc = cli.main(["--workdir", workdir, "a red circle", "--best-of", "0", "--out", str(out)])
+  err = capsys.readouterr().err
+  assert rc == 2 and "--best-of=0" in err and "positive integer" in err

@@ -19,9 +19,12 @@ from _train_helpers import (PYTHON, REPO_ROOT, compile_cache_dir, python_env,  #
 
 TRAIN_PY = os.path.join(REPO_ROOT, "train.py")
 EXTRAS = ("matplotlib", "tensorboardX", "qwix")
-# The demo config, small: 3 steps on a few records; the rest (TensorBoard, plots, the final
-# eval with decoded samples) as a default run has it.
-SMALL = ["--config.train.steps=3", "--config.train.batch_size=8", "--config.train.log_every=1",
+# The demo config, small: 3 steps of a one-layer decoder on a few records (the size does
+# not change what these tests check: compiling the demo's 4 layers cost ~10 s per run); the
+# rest (TensorBoard, plots, the final eval with decoded samples) as a default run has it.
+SMALL = ["--config.model.depth=1", "--config.model.num_unique_layers=1",
+         "--config.model.vision.cnn_channels=(8,16)",
+         "--config.train.steps=3", "--config.train.batch_size=8", "--config.train.log_every=1",
          "--config.data.builder_kwargs.train_size=32",
          "--config.data.builder_kwargs.validation_size=8",
          "--config.data.builder_kwargs.test_size=8", "--config.eval.batch_size=8",

@@ -22,7 +22,7 @@ from gptjax.data.pipeline import CAPTION_PROMPT, make_pipeline
 from gptjax.data.tokenizers import make_tokenizer
 from gptjax.layers.contrastive import ContrastiveHead, siglip_loss
 from gptjax.model import from_config
-from gptjax.tasks.match import generative_scores, match
+from gptjax.tasks.match import generative_scores, match, paired_scores
 from gptjax.tasks.retrieval import build_gallery, recall_at_k, retrieval_metrics
 from gptjax.train.state import create_train_state
 from gptjax.train.step import make_train_step
@@ -236,6 +236,23 @@ def test_batched_generative_scores_equal_one_pair_at_a_time(trained):
                              atol=2e-5, rtol=1e-5)
 
 
+def test_paired_scores_equal_one_pair_at_a_time(trained):
+  """Each image against its own text (what best-of-K drawing ranks by): the per-pair forward,
+  in blocks of 2 (the last one padded), and longer texts padded within a block."""
+  images = np.stack([r["image"] for r in RECORDS])
+  texts = [CAPTIONS[1], CAPTIONS[0], "a purple blob", CAPTIONS[2], CAPTIONS[3]]  # all wrong
+  want = np.array([_one_pair_score(trained.model, im, t) for im, t in zip(images, texts)])
+  for block in (2, 64):
+    got = paired_scores(trained.model, images, texts, TOK, block=block)
+    assert got.shape == (5,)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5, err_msg=f"block={block}")
+  # Higher is better: each image's own caption outscores the wrong one above.
+  own = paired_scores(trained.model, images, [r["caption"] for r in RECORDS], TOK)
+  assert (own > want).all(), (own, want)
+  with pytest.raises(ValueError, match="one text per image: got 5 images and 4 texts"):
+    paired_scores(trained.model, images, texts[:4], TOK)
+
+
 # ------------------------------------------------------------------- errors, validation
 
 
@@ -317,5 +334,7 @@ def test_quantized_model_scores_through_call_and_refuses_contrastive(trained):
   want = np.array([[_one_pair_score(q, im, t) for t in CAPTIONS] for im in images])
   np.testing.assert_allclose(generative_scores(q, images, CAPTIONS, TOK), want,
                              atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(paired_scores(q, images, CAPTIONS[:2], TOK),
+                             [want[0, 0], want[1, 1]], atol=2e-5, rtol=1e-5)
   with pytest.raises(ValueError, match="method='contrastive' is not available"):
     match(q, images, CAPTIONS, method="contrastive", tokenizer=TOK)

@@ -14,6 +14,9 @@ What differs from ``demo``:
 - ``data.target_len`` 64 (a draw row's 64 codes), ``prompt_len`` 14 (the longest caption,
   12 tokens with ``<bos>``, + ``<img>``); packed rows of 80 tokens hold a draw row
   (14 + 64 - 1 = 77) padded as a row of its own, and all four vqa tasks of a record (46);
+- drawing samples with classifier-free guidance 1.5 and keeps the best of 16 samples by the
+  model's own caption likelihood (measured on a 4-layer run, 200 test prompts: colour+count
+  right for 0.47 of single samples, 0.75 of the picked ones; no guidance: 0.36 single);
 - a contrastive (SigLIP) head on the image encoder, at weight 0.1, next to the LM loss
   (draw rows carry a blank image and no caption, so they take no part in it).
 """
@@ -35,7 +38,7 @@ def get_config():
                           vision=c.model.vision)
   c.train.contrastive_weight = 0.1
   c.draw = draw_section(enabled=True, rows_fraction=0.25, uncond_prob=0.1,
-                        eval_examples=64, temperature=1.0, top_k=0, cfg_scale=0.0)
+                        eval_examples=64, temperature=1.0, top_k=0, cfg_scale=1.5, best_of=16)
   c.draw.codes.steps = 3000
   c.draw.codes.batch_size = 64
   c.train.steps = 6000

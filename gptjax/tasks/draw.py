@@ -1,8 +1,8 @@
 """Draw with a trained decoder: a caption -> a PNG grid of N sampled images.
 
   python -m gptjax.tasks.draw --workdir runs/multitask "a red circle and a blue square" \\
-      [--n 8] [--temperature 1.0] [--top-k 0] [--cfg-scale 0] [--seed 0] [--scale 4] \\
-      --out out.png
+      [--n 8] [--best-of K] [--temperature T] [--top-k K] [--cfg-scale S] [--seed 0] \\
+      [--scale 4] --out out.png
 
 The workdir must come from a run with ``config.draw.enabled=True`` (its decoder knows the
 image codes and ``<workdir>/image_codes/`` holds the tokenizer that turns them into
@@ -29,7 +29,7 @@ import numpy as np
 from gptjax.runs import load_model
 from gptjax.tasks import shapes_analyser as sa
 from gptjax.train.draw_data import CODES_DIR, load_image_codes
-from gptjax.train.evaluate_draw import draw_images
+from gptjax.train.evaluate_draw import draw_best_of
 from gptjax.train.load import load_run_config, load_run_tokenizer
 
 
@@ -40,9 +40,15 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="a train.py workdir of a draw run")
   p.add_argument("--out", required=True, help="the PNG grid to write")
   p.add_argument("--n", type=int, default=8, help="samples (default 8)")
-  p.add_argument("--temperature", type=float, default=1.0)
-  p.add_argument("--top-k", type=int, default=0, help="0: all codes")
-  p.add_argument("--cfg-scale", type=float, default=0.0, help="0: no guidance")
+  p.add_argument("--best-of", type=int, default=None,
+                 help="samples per drawing, the model's best kept (default: the run's "
+                      "draw.best_of; 1: plain samples)")
+  p.add_argument("--temperature", type=float, default=None,
+                 help="default: the run's draw.temperature")
+  p.add_argument("--top-k", type=int, default=None,
+                 help="0: all codes (default: the run's draw.top_k)")
+  p.add_argument("--cfg-scale", type=float, default=None,
+                 help="0: no guidance (default: the run's draw.cfg_scale)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--scale", type=int, default=4, help="pixels per image pixel in the PNG")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
@@ -82,10 +88,16 @@ def _fail(msg: str) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parser().parse_args(argv)
+  unset_or = lambda v, ok: v is None or ok(v)  # noqa: E731
   for name, ok, allowed in (("--n", args.n >= 1, "a positive integer"),
-                            ("--temperature", args.temperature >= 0, ">= 0 (0: greedy)"),
-                            ("--top-k", args.top_k >= 0, ">= 0 (0: all codes)"),
-                            ("--cfg-scale", args.cfg_scale >= 0, ">= 0 (0: no guidance)"),
+                            ("--best-of", unset_or(args.best_of, lambda v: v >= 1),
+                             "a positive integer (1: plain samples)"),
+                            ("--temperature", unset_or(args.temperature, lambda v: v >= 0),
+                             ">= 0 (0: greedy)"),
+                            ("--top-k", unset_or(args.top_k, lambda v: v >= 0),
+                             ">= 0 (0: all codes)"),
+                            ("--cfg-scale", unset_or(args.cfg_scale, lambda v: v >= 0),
+                             ">= 0 (0: no guidance)"),
                             ("--scale", args.scale >= 1, "a positive integer")):
     if not ok:
       return _fail(f"{name}={getattr(args, name[2:].replace('-', '_'))} is invalid: must be "
@@ -105,9 +117,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     codes_model = load_image_codes(workdir)
     model = load_model(workdir, step=args.step)
     tok = load_run_tokenizer(workdir, c)
-    images = draw_images(model, c, [args.prompt] * args.n, codes_model, seed=args.seed,
-                         temperature=args.temperature, top_k=args.top_k,
-                         cfg_scale=args.cfg_scale, batch_size=args.n, tokenizer=tok)
+    best_of = args.best_of or int(c.draw.get("best_of", 1))
+    images = draw_best_of(model, c, [args.prompt] * args.n, codes_model, best_of,
+                             seed=args.seed, temperature=args.temperature, top_k=args.top_k,
+                             cfg_scale=args.cfg_scale, tokenizer=tok,
+                             batch_size=min(args.n * best_of, 256)).images
   except (FileNotFoundError, ValueError, RuntimeError, KeyError) as e:
     return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
   from PIL import Image
@@ -115,7 +129,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   os.makedirs(os.path.dirname(out), exist_ok=True)
   grid = grid_image(images, args.scale)
   Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(out)
-  print(f"{args.n} drawings of {args.prompt!r} -> {out}")
+  picked = f" (each the model's pick of {best_of} samples)" if best_of > 1 else ""
+  print(f"{args.n} drawings of {args.prompt!r}{picked} -> {out}")
   for i, img in enumerate(images):
     print(f"  {i}: {reading(img, args.prompt)}")
   return 0

@@ -58,13 +58,10 @@ def _score_block(model, prefix, rows):
   of each caption's target tokens given each image."""
   n_img, n_txt = prefix.shape[0], rows["inputs"].shape[0]
   tile = lambda x: jnp.tile(x, (n_img, 1))  # noqa: E731  row i*J + j: image i, text j
-  logits = model.decoder(tile(rows["inputs"]), prefix=jnp.repeat(prefix, n_txt, axis=0),
-                         segment_ids=tile(rows["segment_ids"]),
-                         positions=tile(rows["positions"]))
-  mask = tile(rows["loss_mask"]).astype(jnp.float32)
-  ll = -token_losses(logits, tile(rows["targets"]))
-  mean = jnp.sum(ll * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
-  return mean.reshape(n_img, n_txt)
+  rows = {k: tile(v) for k, v in rows.items()}
+  logits = model.decoder(rows["inputs"], prefix=jnp.repeat(prefix, n_txt, axis=0),
+                         segment_ids=rows["segment_ids"], positions=rows["positions"])
+  return _mean_log_likelihood(logits, rows).reshape(n_img, n_txt)
 
 
 @nnx.jit
@@ -73,12 +70,32 @@ def _score_block_via_call(model, images, rows):
   models that compute only there (``through_call_only``)."""
   n_img, n_txt = images.shape[0], rows["inputs"].shape[0]
   tile = lambda x: jnp.tile(x, (n_img, 1))  # noqa: E731  row i*J + j: image i, text j
-  logits = model(tile(rows["inputs"]), jnp.repeat(image_to_float(images), n_txt, axis=0),
-                 segment_ids=tile(rows["segment_ids"]), positions=tile(rows["positions"]))
-  mask = tile(rows["loss_mask"]).astype(jnp.float32)
-  ll = -token_losses(logits, tile(rows["targets"]))
-  mean = jnp.sum(ll * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
-  return mean.reshape(n_img, n_txt)
+  rows = {k: tile(v) for k, v in rows.items()}
+  logits = model(rows["inputs"], jnp.repeat(image_to_float(images), n_txt, axis=0),
+                 segment_ids=rows["segment_ids"], positions=rows["positions"])
+  return _mean_log_likelihood(logits, rows).reshape(n_img, n_txt)
+
+
+@nnx.jit
+def _score_pairs(model, prefix, rows):
+  """prefix (B, P, D) image tokens and rows (B, T): row b's caption given image b -> (B,)."""
+  logits = model.decoder(rows["inputs"], prefix=prefix, segment_ids=rows["segment_ids"],
+                         positions=rows["positions"])
+  return _mean_log_likelihood(logits, rows)
+
+
+@nnx.jit
+def _score_pairs_via_call(model, images, rows):
+  logits = model(rows["inputs"], image_to_float(images), segment_ids=rows["segment_ids"],
+                 positions=rows["positions"])
+  return _mean_log_likelihood(logits, rows)
+
+
+def _mean_log_likelihood(logits, rows):
+  """(R,) mean log-probability of each row's target tokens (its ``loss_mask``)."""
+  mask = rows["loss_mask"].astype(jnp.float32)
+  ll = -token_losses(logits, rows["targets"])
+  return jnp.sum(ll * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
 
 
 def through_call_only(model) -> bool:
@@ -148,6 +165,33 @@ def generative_scores(model, images, texts: Sequence[str], tokenizer=None, *,
         p = jnp.concatenate([p, jnp.repeat(p[:1], ib - ni, axis=0)])
       out[i:i + ni, j:j + nj] = np.asarray(score(model, p, block))[:ni, :nj]
   return out
+
+
+def paired_scores(model, images, texts: Sequence[str], tokenizer=None, *,
+                  block: int = 64) -> np.ndarray:
+  """(N,) mean log-likelihood of ``texts[i]`` as the caption of ``images[i]``: the diagonal
+  of ``generative_scores`` without the rest of the grid (e.g. to rank many drawings, each
+  against its own prompt), in blocks of ``block`` pairs."""
+  images = _check(model, images, texts)
+  if len(images) != len(texts):
+    raise ValueError(f"paired_scores needs one text per image: got {len(images)} images and "
+                     f"{len(texts)} texts")
+  model.eval()
+  rows = caption_rows(texts, tokenizer)
+  if rows["inputs"].shape[1] > model.config.max_seq_len:
+    raise ValueError(f"the longest text needs {rows['inputs'].shape[1]} caption-task tokens > "
+                     f"ModelConfig.max_seq_len={model.config.max_seq_len}")
+  via_call = through_call_only(model)
+  score = _score_pairs_via_call if via_call else _score_pairs
+  b = min(block, len(images))
+  out = []
+  for s in range(0, len(images), b):
+    n = min(b, len(images) - s)
+    chunk = _pad_rows(images[s:s + n], b)
+    prefix = jnp.asarray(chunk) if via_call else _encode_images(model, chunk)
+    part = {k: jnp.asarray(_pad_rows(v[s:s + n], b)) for k, v in rows.items()}
+    out.append(np.asarray(score(model, prefix, part))[:n])
+  return np.concatenate(out).astype(np.float32)
 
 
 @nnx.jit

@@ -140,12 +140,18 @@ def draw_section(**kw) -> ml_collections.ConfigDict:
   ``codes``: the image tokenizer (``ImageCodesConfig`` fields, image size from the data)
   and its own training (``steps``, ``batch_size``, Adam ``lr``), run once before the LM;
   eval: ``eval_examples`` captions drawn with ``temperature`` / ``top_k`` (0: all codes) /
-  ``cfg_scale`` (0: no guidance; s > 0 samples from uncond + s * (cond - uncond))."""
+  ``cfg_scale`` (0: no guidance; s > 0 samples from uncond + s * (cond - uncond)), and
+  ``best_of`` K samples per caption of which the model's own caption likelihood picks one
+  (1: single samples; ``gptjax.train.evaluate_draw.draw_best_of``). ``fill_prompt``: draw
+  prompts are filled to ``data.prompt_len`` with ``<img>`` ids, so each image code has the
+  same position in every row (False: left padding, the codes' positions shift with the
+  caption's length)."""
   d = dict(enabled=False, rows_fraction=0.25, uncond_prob=0.1,
            codes=ml_collections.ConfigDict(dict(
                grid=8, levels=(8, 5, 5, 5), channels=64, depth=1, head=4, order="rows",
                lr=1e-2, warmup=20, steps=3000, batch_size=64)),
-           eval_examples=64, temperature=1.0, top_k=0, cfg_scale=0.0, samples=8)
+           eval_examples=64, temperature=1.0, top_k=0, cfg_scale=0.0, best_of=1, samples=8,
+           fill_prompt=False)
   d.update(kw)
   return ml_collections.ConfigDict(d)
 
@@ -166,8 +172,9 @@ def image_codes_config(c: ml_collections.ConfigDict):
 def _validate_draw(c: ml_collections.ConfigDict, m: ModelConfig, tok) -> None:
   """The ``draw`` section against the model and data it would train with."""
   d = c.draw
-  if not isinstance(d.enabled, bool):
-    fail("draw.enabled", d.enabled, "must be True or False")
+  for key in ("enabled", "fill_prompt"):
+    if not isinstance(d[key], bool):
+      fail(f"draw.{key}", d[key], "must be True or False")
   if not d.enabled:
     return
   if m.vision is None:
@@ -186,6 +193,7 @@ def _validate_draw(c: ml_collections.ConfigDict, m: ModelConfig, tok) -> None:
   _number("draw.temperature", d.temperature, lo=0)
   _number("draw.top_k", d.top_k, lo=0, integer=True)
   _number("draw.cfg_scale", d.cfg_scale, lo=0)
+  _number("draw.best_of", d.best_of, lo=1, integer=True)
   codes = image_codes_config(c)
   need = tok.vocab_size + codes.codebook_size + 1
   if m.vocab_size < need:

@@ -17,7 +17,7 @@ from gptjax import sharding as shd
 from gptjax.config import VisionConfig
 from gptjax.train.checkpoint import Checkpointer
 from gptjax.data.tokenizers import load_tokenizer, save_tokenizer
-from gptjax.train.config import CONFIG_VERSION, tokenizer_for, validate
+from gptjax.train.config import CONFIG_VERSION, draw_section, tokenizer_for, validate
 from gptjax.train.hooks import RunHooks
 from gptjax.train.optim import make_optimizer
 from gptjax.train.state import create_train_state
@@ -56,6 +56,9 @@ def _migrate(d: dict) -> dict:
       v = dict(m["vision"])
       v["cnn_channels"] = tuple(v["cnn_channels"])
       m["max_seq_len"] -= VisionConfig(**v).num_tokens
+  if isinstance(d.get("draw"), dict):  # keys added to the draw section since (best_of)
+    for k, v in draw_section().to_dict().items():
+      d["draw"].setdefault(k, v)
   d["version"] = CONFIG_VERSION
   return d
 

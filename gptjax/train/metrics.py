@@ -183,7 +183,8 @@ def plot_losses(workdir: str, out: Optional[str] = None) -> Optional[str]:
       ax.plot(*zip(*pts), style, label=f"{split} loss", markersize=4)
   ax.set_xlabel("step"), ax.set_ylabel("cross-entropy (nats/token)"), ax.set_yscale("log")
   ax.grid(alpha=0.3), ax.legend()
-  for key in ("caption_exact_match", "vqa_accuracy"):
+  for key in ("caption_exact_match", "vqa_accuracy", "draw_color_and_count",
+              "draw_best_color_and_count"):
     pts = [(r["step"], r[key]) for r in rows if r["split"] == "eval" and key in r]
     if pts:
       ax2.plot(*zip(*pts), "o-", label=key, markersize=4)
