@@ -30,7 +30,11 @@ work (softmax, norms, GELU, the optimizer update) and the cross-entropy.
 from __future__ import annotations
 
 import functools
+import json
+import os
+import tempfile
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -89,17 +93,54 @@ def flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, *,
   return batch_size * fwd * (3.0 if train else 1.0)
 
 
-@functools.lru_cache(maxsize=None)
-def peak_matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
-  """This machine's matmul FLOP/s in ``dtype``: the fastest of ``repeats`` timed runs of a
-  jitted (n, n) @ (n, n) ``jnp.dot`` on the default device, after one warm-up run.
-  Measured once per process for each argument set (cached): ~1 s at n=2048 on 2 CPU cores.
-  """
-  if dtype not in ("float32", "bfloat16", "float16"):
-    raise ValueError(f"dtype={dtype!r} is invalid: allowed values are 'float32', "
-                     "'bfloat16', 'float16'")
-  if n < 64 or repeats < 1:
-    raise ValueError(f"n={n}, repeats={repeats} are invalid: need n >= 64, repeats >= 1")
+PEAK_CACHE_FILE = "peak_flops.json"
+PEAK_CACHE_DAYS = 7.0
+
+
+def peak_cache_path() -> Optional[str]:
+  """Where measured peaks are kept: ``$GPTJAX_CACHE_DIR/peak_flops.json`` (default
+  ``$XDG_CACHE_HOME/gptjax``, else ``~/.cache/gptjax``); None with ``GPTJAX_CACHE_DIR=none``
+  (measure in every process)."""
+  d = os.environ.get("GPTJAX_CACHE_DIR")
+  if d is None:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    d = os.path.join(base, "gptjax")
+  if not d or d.lower() == "none":
+    return None
+  return os.path.join(os.path.expanduser(d), PEAK_CACHE_FILE)
+
+
+def _machine_key(dtype: str, n: int, repeats: int) -> str:
+  dev = jax.devices()[0]
+  return (f"{dev.platform}|{dev.device_kind}|{jax.local_device_count()} devices|"
+          f"{os.cpu_count()} cpus|jax {jax.__version__}|{dtype}|n={n}|repeats={repeats}")
+
+
+def _read_peaks(path: str) -> dict:
+  try:
+    with open(path) as f:
+      data = json.load(f)
+    return data if isinstance(data, dict) else {}
+  except (OSError, ValueError):  # missing, unreadable or half-written: measure again
+    return {}
+
+
+def _write_peak(path: str, key: str, flops: float) -> None:
+  """Adds one entry, atomically (a reader never sees half a file); a read-only or full disk
+  only costs the next process its own measurement."""
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    data = _read_peaks(path)
+    data[key] = {"flops": flops, "measured": time.time()}
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".peak_flops.")
+    with os.fdopen(fd, "w") as f:
+      json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+  except OSError:
+    pass
+
+
+def _measure_peak(dtype: str, n: int, repeats: int) -> float:
   k1, k2 = jax.random.split(jax.random.key(0))
   a = jax.random.normal(k1, (n, n), dtype)
   b = jax.random.normal(k2, (n, n), dtype)
@@ -113,3 +154,34 @@ def peak_matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -
     dot(a, b).block_until_ready()
     best = min(best, time.perf_counter() - t)
   return 2.0 * n**3 / best
+
+
+@functools.lru_cache(maxsize=None)
+def peak_matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
+  """This machine's matmul FLOP/s in ``dtype``: the fastest of ``repeats`` timed runs of a
+  jitted (n, n) @ (n, n) ``jnp.dot`` on the default device, after one warm-up run (~1-2 s
+  at n=2048 on 2 CPU cores).
+
+  Kept per process and on disk (``peak_cache_path``) for ``PEAK_CACHE_DAYS`` days, keyed by
+  the device kind and count, CPU count, jax version and arguments: every run on a machine
+  then divides by the same peak (MFUs of two runs compare) and none pays the probe again.
+  Delete the file to measure afresh (e.g. after measuring on a busy machine).
+  """
+  if dtype not in ("float32", "bfloat16", "float16"):
+    raise ValueError(f"dtype={dtype!r} is invalid: allowed values are 'float32', "
+                     "'bfloat16', 'float16'")
+  if n < 64 or repeats < 1:
+    raise ValueError(f"n={n}, repeats={repeats} are invalid: need n >= 64, repeats >= 1")
+  path = peak_cache_path()
+  key = _machine_key(dtype, n, repeats)
+  if path is not None:
+    entry = _read_peaks(path).get(key)
+    try:
+      if time.time() - float(entry["measured"]) < PEAK_CACHE_DAYS * 86400:
+        return float(entry["flops"])
+    except (TypeError, KeyError, ValueError):  # no entry, or not one this code wrote
+      pass
+  flops = _measure_peak(dtype, n, repeats)
+  if path is not None:
+    _write_peak(path, key, flops)
+  return flops

@@ -11,6 +11,8 @@
 jax keeps its default float32; NumPy references are computed in float64.
 """
 import os
+import shutil
+import tempfile
 
 _DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -18,6 +20,16 @@ if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " " + _DEVICE_FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # override (e.g. =cuda) to run on an accelerator
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Measured matmul peaks (for MFU) kept for this session only, shared with the subprocesses
+# it starts (each would otherwise probe for ~1-2 s), never in the user's ~/.cache.
+_OWN_CACHE = None
+if "GPTJAX_CACHE_DIR" not in os.environ:
+  _OWN_CACHE = os.environ["GPTJAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="gptjax-test-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -82,6 +82,40 @@ def test_peak_is_measured_once_and_plausible():
     peak_matmul_flops("int8")
 
 
+def test_peak_is_kept_on_disk_per_machine(tmp_path, monkeypatch):
+  """A second process (here: the in-process cache cleared) reads the peak instead of
+  measuring; a stale, corrupt or disabled cache measures again."""
+  import json
+  import time
+
+  from gptjax import flops
+  monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path))
+  path = tmp_path / flops.PEAK_CACHE_FILE
+  peak_matmul_flops.cache_clear()
+  a = peak_matmul_flops("float32", n=128, repeats=1)
+  (entry,) = json.loads(path.read_text()).values()
+  assert entry["flops"] == a and abs(entry["measured"] - time.time()) < 60
+  peak_matmul_flops.cache_clear()
+  monkeypatch.setattr(flops, "_measure_peak", lambda *args: pytest.fail("measured again"))
+  assert peak_matmul_flops("float32", n=128, repeats=1) == a
+  monkeypatch.setattr(flops, "_measure_peak", lambda *args: 123.0)
+  assert flops.peak_matmul_flops.__wrapped__("float32", n=256, repeats=1) == 123.0  # other key
+  data = json.loads(path.read_text())
+  assert len(data) == 2
+  for entry in data.values():
+    entry["measured"] -= (flops.PEAK_CACHE_DAYS + 1) * 86400  # a week old: stale
+  path.write_text(json.dumps(data))
+  assert flops.peak_matmul_flops.__wrapped__("float32", n=128, repeats=1) == 123.0
+  path.write_text("{half a fi")
+  assert flops.peak_matmul_flops.__wrapped__("float32", n=128, repeats=1) == 123.0
+  assert len(json.loads(path.read_text())) == 1  # rewritten whole
+  monkeypatch.setenv("GPTJAX_CACHE_DIR", "none")
+  path.unlink()
+  assert flops.peak_matmul_flops.__wrapped__("float32", n=128, repeats=1) == 123.0
+  assert not path.exists() and flops.peak_cache_path() is None
+  peak_matmul_flops.cache_clear()
+
+
 def _lm_config(tmp_path, **logging):
   from gptjax.runs import base_config
   from gptjax.train.config import model_section

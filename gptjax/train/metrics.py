@@ -118,8 +118,9 @@ class Throughput:
 
   MFU = model FLOPs per step (``gptjax.flops.flops_per_step``) / step time / peak, the
   peak being ``logging.peak_flops`` when > 0, else this machine's measured matmul FLOP/s in
-  the model's compute dtype (``peak_matmul_flops``, measured at the first log step, once
-  per process). With ``logging.mfu=False`` no peak is measured and no mfu is logged.
+  the model's compute dtype (``peak_matmul_flops``, looked up at the first log step: measured
+  once per machine and kept on disk). With ``logging.mfu=False`` no peak is measured and no
+  mfu is logged.
   """
 
   def __init__(self, model_cfg, logging_cfg):
