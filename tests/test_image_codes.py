@@ -230,30 +230,6 @@ def test_encode_draw_row_layout():
                 prompt_len=8, target_len=6)
 
 
-def test_filled_draw_prompt_puts_every_code_at_one_position():
-  """``fill_prompt``: ``<img>`` repeated up to prompt_len instead of left padding, so code k
-  is at position prompt_len + k for captions of any length (and the unconditional one);
-  ``draw_prompt(..., length)`` gives the same prompt for sampling."""
-  tok = WordTokenizer(vocabulary())
-  layout = draw.draw_tokens(tok.vocab_size, 1000)
-  codes = np.array([5, 0, 999, 7], np.int32)
-  kw = dict(img_id=layout.img_id, code_offset=layout.code_offset, prompt_len=10, target_len=6,
-            fill_prompt=True)
-  for caption in ("a red square", "a red square and a blue circle", ""):
-    row = encode_draw(caption, codes, tok, **kw)
-    ids = tok.encode(caption, bos=True)
-    want = ids + [layout.img_id] * (10 - len(ids))
-    np.testing.assert_array_equal(row["prompt"], want)
-    assert draw.draw_prompt(tok, caption, layout, 10) == want
-    at = row["loss_mask"] > 0  # inputs predicting the 4 codes: <img> then codes 0..2
-    np.testing.assert_array_equal(row["positions"][at], [9, 10, 11, 12])
-    np.testing.assert_array_equal(row["targets"][at], codes + layout.code_offset)
-  left = encode_draw("a red square", codes, tok, **{**kw, "fill_prompt": False})
-  assert left["positions"][left["loss_mask"] > 0][0] == 4  # left padding: shifts with length
-  with pytest.raises(ValueError, match="data.prompt_len=3"):
-    draw.draw_prompt(tok, "a red square", layout, 3)
-
-
 def test_draw_source_and_dataset():
   records = [{"caption": f"a red {k}".encode()} for k in ("square", "circle", "triangle")] * 20
   codes = np.arange(60 * 4, dtype=np.int32).reshape(60, 4)

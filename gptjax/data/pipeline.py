@@ -293,14 +293,10 @@ def batch_iterator(ds: "grain.MapDataset"):
 # --- draw rows: caption -> image codes (gptjax.tasks.drawing has the id layout) ----------------
 
 def encode_draw(caption: str, codes, tok: ByteTokenizer, *, img_id: int, code_offset: int,
-                prompt_len: int, target_len: int, image_shape: Optional[tuple] = None,
-                fill_prompt: bool = False) -> dict:
+                prompt_len: int, target_len: int, image_shape: Optional[tuple] = None) -> dict:
   """A draw row in ``encode_vqa``'s layout, so it can share a batch with vqa rows:
   ``[pad.. <bos> caption <img>] [code ids pad..]`` with the loss on the code ids only (their
   count is fixed, G*G, so there is no ``<eos>``). Code ``c`` is id ``code_offset + c``.
-  ``fill_prompt``: ``<img>`` is repeated up to ``prompt_len`` tokens instead of left padding
-  (``<bos> caption <img> <img>..``), so code k sits at position ``prompt_len + k`` in every
-  row whatever the caption's length (positions count real tokens only).
   ``image_shape`` (H, W, C): the row carries a black image of that shape, for batches whose
   other rows have images (the codes must come from the caption, not from a picture of the
   answer); ``None``: no image key."""
@@ -317,8 +313,6 @@ def encode_draw(caption: str, codes, tok: ByteTokenizer, *, img_id: int, code_of
     raise ValueError(f"caption {caption!r} needs {len(prompt)} tokens > data.prompt_len={prompt_len}")
   if len(target) > target_len:
     raise ValueError(f"{len(target)} image codes > data.target_len={target_len}")
-  if fill_prompt:
-    prompt += [img_id] * (prompt_len - len(prompt))
   out = _prompt_target_row(prompt, target, tok.pad_id, prompt_len, target_len)
   out["is_caption"] = np.int32(0)
   if image_shape is not None:
@@ -359,11 +353,11 @@ class DrawSource:
 
 
 def draw_dataset(source: DrawSource, tok: ByteTokenizer, *, img_id: int, code_offset: int,
-                 prompt_len: int, target_len: int, image_shape: Optional[tuple] = None,
-                 fill_prompt: bool = False) -> "grain.MapDataset":
+                 prompt_len: int, target_len: int, image_shape: Optional[tuple] = None
+                 ) -> "grain.MapDataset":
   """Encoded draw rows (unshuffled, unbatched), e.g. to ``grain.MapDataset.mix`` with vqa
   rows of the same ``prompt_len`` / ``target_len`` before shuffling and batching."""
   return grain.MapDataset.source(source).map(
       lambda r: encode_draw(r[0], r[1], tok, img_id=img_id, code_offset=code_offset,
                             prompt_len=prompt_len, target_len=target_len,
-                            image_shape=image_shape, fill_prompt=fill_prompt))
+                            image_shape=image_shape))

@@ -73,16 +73,9 @@ def draw_tokens(text_vocab_size: int, codebook_size: int) -> DrawTokens:
   return DrawTokens(int(text_vocab_size), int(codebook_size))
 
 
-def draw_prompt(tok, caption: str, layout: DrawTokens, length: Optional[int] = None) -> list[int]:
-  """``<bos> caption <img>`` (``caption=''`` gives the unconditional prompt ``<bos> <img>``);
-  ``length``: ``<img>`` repeated up to that many tokens, as rows trained with
-  ``draw.fill_prompt`` read (``gptjax.data.pipeline.encode_draw``)."""
-  ids = tok.encode(caption, bos=True) + [layout.img_id]
-  if length is not None:
-    if len(ids) > length:
-      raise ValueError(f"caption {caption!r} needs {len(ids)} tokens > data.prompt_len={length}")
-    ids += [layout.img_id] * (length - len(ids))
-  return ids
+def draw_prompt(tok, caption: str, layout: DrawTokens) -> list[int]:
+  """``<bos> caption <img>`` (``caption=''`` gives the unconditional prompt ``<bos> <img>``)."""
+  return tok.encode(caption, bos=True) + [layout.img_id]
 
 
 def sample_codes(model, prompt_ids: Sequence[Sequence[int]], layout: DrawTokens, num_codes: int,

@@ -142,16 +142,12 @@ def draw_section(**kw) -> ml_collections.ConfigDict:
   eval: ``eval_examples`` captions drawn with ``temperature`` / ``top_k`` (0: all codes) /
   ``cfg_scale`` (0: no guidance; s > 0 samples from uncond + s * (cond - uncond)), and
   ``best_of`` K samples per caption of which the model's own caption likelihood picks one
-  (1: single samples; ``gptjax.train.evaluate_draw.draw_best_of``). ``fill_prompt``: draw
-  prompts are filled to ``data.prompt_len`` with ``<img>`` ids, so each image code has the
-  same position in every row (False: left padding, the codes' positions shift with the
-  caption's length)."""
+  (1: single samples; ``gptjax.train.evaluate_draw.draw_best_of``)."""
   d = dict(enabled=False, rows_fraction=0.25, uncond_prob=0.1,
            codes=ml_collections.ConfigDict(dict(
                grid=8, levels=(8, 5, 5, 5), channels=64, depth=1, head=4, order="rows",
                lr=1e-2, warmup=20, steps=3000, batch_size=64)),
-           eval_examples=64, temperature=1.0, top_k=0, cfg_scale=0.0, best_of=1, samples=8,
-           fill_prompt=False)
+           eval_examples=64, temperature=1.0, top_k=0, cfg_scale=0.0, best_of=1, samples=8)
   d.update(kw)
   return ml_collections.ConfigDict(d)
 
@@ -172,9 +168,8 @@ def image_codes_config(c: ml_collections.ConfigDict):
 def _validate_draw(c: ml_collections.ConfigDict, m: ModelConfig, tok) -> None:
   """The ``draw`` section against the model and data it would train with."""
   d = c.draw
-  for key in ("enabled", "fill_prompt"):
-    if not isinstance(d[key], bool):
-      fail(f"draw.{key}", d[key], "must be True or False")
+  if not isinstance(d.enabled, bool):
+    fail("draw.enabled", d.enabled, "must be True or False")
   if not d.enabled:
     return
   if m.vision is None:

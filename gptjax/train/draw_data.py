@@ -179,8 +179,7 @@ def pipeline(c, source, draw: DrawData, *, batch_size: int, seed_offset: int = 0
                  seed=c.seed, name=f"{d.name}-draw"),
       tok, img_id=draw.layout.img_id, code_offset=draw.layout.code_offset,
       prompt_len=d.prompt_len, target_len=d.target_len,
-      image_shape=like["image"].shape if "image" in like else None,
-      fill_prompt=bool(c.draw.get("fill_prompt", False)))
+      image_shape=like["image"].shape if "image" in like else None)
   rows = rows.map(lambda r: _conform(r, like, tok))
   seed = c.seed + seed_offset
   num_examples = len(vqa) + len(rows)

@@ -49,12 +49,11 @@ def draw_images(model, c, captions: list[str], codes_model: ic.ImageCodes, *, se
   cfg_scale = d.cfg_scale if cfg_scale is None else cfg_scale
   bs = batch_size or c.eval.batch_size
   cfg = codes_model.config
-  length = c.data.prompt_len if d.get("fill_prompt", False) else None
-  uncond = draw_prompt(tok, "", layout, length)
+  uncond = draw_prompt(tok, "", layout)
   out = []
   for lo in range(0, len(captions), bs):
     chunk = captions[lo:lo + bs]
-    prompts = [draw_prompt(tok, t, layout, length) for t in chunk]
+    prompts = [draw_prompt(tok, t, layout) for t in chunk]
     image = None
     if getattr(model.config, "vision", None) is not None:  # draw rows trained on a blank image
       image = np.zeros((len(chunk), cfg.image_size, cfg.image_size, cfg.image_channels),
