@@ -40,6 +40,7 @@ def main(argv=None) -> int:
   p.add_argument("--prompts", type=int, default=200)
   p.add_argument("--best-of", type=_ints, default=[1, 4, 8, 16])
   p.add_argument("--cfg-scale", type=_floats, default=[0.0, 1.5])
+  p.add_argument("--top-p", type=float, default=None, help="default: the run's draw.top_p")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   if not args.best_of or min(args.best_of) < 1:
@@ -64,14 +65,15 @@ def main(argv=None) -> int:
   captions = [text(r[c.data.caption_key]) for r in records]
   k_max = max(args.best_of)
   print(f"{args.workdir}: {n} {args.split} prompts, up to {k_max} samples each, "
-        f"temperature {c.draw.temperature}, top-k {c.draw.top_k or 'off'}")
+        f"temperature {c.draw.temperature}, top-k {c.draw.top_k or 'off'}, top-p "
+        f"{args.top_p if args.top_p is not None else c.draw.get('top_p', 1.0)}")
   print("\n| guidance | K | single sample colour+count | kept colour+count | kept all "
         "| any of K colour+count | seconds |")
   print("|---:|---:|---:|---:|---:|---:|---:|")
   for cfg in args.cfg_scale:
     t0 = time.perf_counter()
     _, cands, scores = draw_best_of(model, c, captions, codes, k_max, seed=args.seed,
-                                    cfg_scale=cfg, tokenizer=tok)
+                                    cfg_scale=cfg, top_p=args.top_p, tokenizer=tok)
     secs = time.perf_counter() - t0
     read = [[sa.matches(img, r) for img in per] for per, r in zip(cands, records)]
     ok = np.array([[m["colors"] and m["count"] for m in row] for row in read])

@@ -78,6 +78,8 @@ def test_validation_names_keys_and_numbers(shapes_data_dir):  # noqa: F811
   assert "config.draw.rows_fraction" in _err(c)
   c = draw_config(shapes_data_dir, best_of=0)
   assert "config.draw.best_of" in _err(c)
+  c = draw_config(shapes_data_dir, top_p=0.0)
+  assert "config.draw.top_p" in _err(c)
   c = draw_config(shapes_data_dir)
   c.draw.codes.grid = 5  # 16 px images do not divide into 5 x 5 cells
   assert "config.draw.codes" in _err(c)
@@ -249,3 +251,6 @@ def test_cli_draws_a_grid_and_fails_cleanly(run, tmp_path, capsys, compile_cache
   rc = cli.main(["--workdir", workdir, "a red circle", "--best-of", "0", "--out", str(out)])
   err = capsys.readouterr().err
   assert rc == 2 and "--best-of=0" in err and "positive integer" in err
+  rc = cli.main(["--workdir", workdir, "a red circle", "--top-p", "1.5", "--out", str(out)])
+  err = capsys.readouterr().err
+  assert rc == 2 and "--top-p=1.5" in err and "(0, 1]" in err

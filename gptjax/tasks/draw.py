@@ -1,13 +1,17 @@
 """Draw with a trained decoder: a caption -> a PNG grid of N sampled images.
 
   python -m gptjax.tasks.draw --workdir runs/multitask "a red circle and a blue square" \\
-      [--n 8] [--best-of K] [--temperature T] [--top-k K] [--cfg-scale S] [--seed 0] \\
-      [--scale 4] --out out.png
+      [--n 8] [--best-of K] [--temperature T] [--top-k K] [--top-p P] [--cfg-scale S] \\
+      [--seed 0] [--scale 4] --out out.png
 
 The workdir must come from a run with ``config.draw.enabled=True`` (its decoder knows the
 image codes and ``<workdir>/image_codes/`` holds the tokenizer that turns them into
-pixels). ``--top-k 0``: sample among all codes; ``--cfg-scale 0``: no classifier-free
-guidance (s > 0 samples from uncond + s * (cond - uncond); 1 is the plain conditional).
+pixels). The sampling options default to the run's ``draw`` config. ``--top-k 0``: sample
+among all codes; ``--top-p 1``: no nucleus cut; ``--cfg-scale 0``: no classifier-free
+guidance (s > 0 samples from uncond + s * (cond - uncond); 1 is the plain conditional);
+``--best-of K``: each of the N drawings is the one of K samples that the model itself scores
+highest as the prompt's image (its caption likelihood), N * K samples in all (1: plain
+samples).
 The grid has min(N, 4) columns, each sample enlarged ``--scale`` times (nearest
 neighbour). For each sample the independent shapes analyser's reading is printed (the
 blobs it finds, and for a caption in the shapes grammar whether colours / count / kinds /
@@ -47,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="default: the run's draw.temperature")
   p.add_argument("--top-k", type=int, default=None,
                  help="0: all codes (default: the run's draw.top_k)")
+  p.add_argument("--top-p", type=float, default=None,
+                 help="nucleus sampling, 1: off (default: the run's draw.top_p)")
   p.add_argument("--cfg-scale", type=float, default=None,
                  help="0: no guidance (default: the run's draw.cfg_scale)")
   p.add_argument("--seed", type=int, default=0)
@@ -96,6 +102,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              ">= 0 (0: greedy)"),
                             ("--top-k", unset_or(args.top_k, lambda v: v >= 0),
                              ">= 0 (0: all codes)"),
+                            ("--top-p", unset_or(args.top_p, lambda v: 0 < v <= 1),
+                             "in (0, 1] (1: off)"),
                             ("--cfg-scale", unset_or(args.cfg_scale, lambda v: v >= 0),
                              ">= 0 (0: no guidance)"),
                             ("--scale", args.scale >= 1, "a positive integer")):
@@ -119,9 +127,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tok = load_run_tokenizer(workdir, c)
     best_of = args.best_of or int(c.draw.get("best_of", 1))
     images = draw_best_of(model, c, [args.prompt] * args.n, codes_model, best_of,
-                             seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-                             cfg_scale=args.cfg_scale, tokenizer=tok,
-                             batch_size=min(args.n * best_of, 256)).images
+                          seed=args.seed, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, cfg_scale=args.cfg_scale, tokenizer=tok,
+                          batch_size=min(args.n * best_of, 256)).images
   except (FileNotFoundError, ValueError, RuntimeError, KeyError) as e:
     return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
   from PIL import Image

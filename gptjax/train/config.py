@@ -140,6 +140,7 @@ def draw_section(**kw) -> ml_collections.ConfigDict:
   ``codes``: the image tokenizer (``ImageCodesConfig`` fields, image size from the data)
   and its own training (``steps``, ``batch_size``, Adam ``lr``), run once before the LM;
   eval: ``eval_examples`` captions drawn with ``temperature`` / ``top_k`` (0: all codes) /
+  ``top_p`` (nucleus; 1: off) /
   ``cfg_scale`` (0: no guidance; s > 0 samples from uncond + s * (cond - uncond)), and
   ``best_of`` K samples per caption of which the model's own caption likelihood picks one
   (1: single samples; ``gptjax.train.evaluate_draw.draw_best_of``)."""
@@ -147,7 +148,8 @@ def draw_section(**kw) -> ml_collections.ConfigDict:
            codes=ml_collections.ConfigDict(dict(
                grid=8, levels=(8, 5, 5, 5), channels=64, depth=1, head=4, order="rows",
                lr=1e-2, warmup=20, steps=3000, batch_size=64)),
-           eval_examples=64, temperature=1.0, top_k=0, cfg_scale=0.0, best_of=1, samples=8)
+           eval_examples=64, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=0.0, best_of=1,
+           samples=8)
   d.update(kw)
   return ml_collections.ConfigDict(d)
 
@@ -187,6 +189,7 @@ def _validate_draw(c: ml_collections.ConfigDict, m: ModelConfig, tok) -> None:
   _number("draw.samples", d.samples, lo=0, integer=True)
   _number("draw.temperature", d.temperature, lo=0)
   _number("draw.top_k", d.top_k, lo=0, integer=True)
+  _number("draw.top_p", d.top_p, lo=0, hi=1, lo_open=True)
   _number("draw.cfg_scale", d.cfg_scale, lo=0)
   _number("draw.best_of", d.best_of, lo=1, integer=True)
   codes = image_codes_config(c)

@@ -36,16 +36,17 @@ def _text(x) -> str:
 
 def draw_images(model, c, captions: list[str], codes_model: ic.ImageCodes, *, seed: int = 0,
                 temperature: Optional[float] = None, top_k: Optional[int] = None,
-                cfg_scale: Optional[float] = None, batch_size: Optional[int] = None,
-                tokenizer=None) -> np.ndarray:
+                top_p: Optional[float] = None, cfg_scale: Optional[float] = None,
+                batch_size: Optional[int] = None, tokenizer=None) -> np.ndarray:
   """uint8 (N, H, W, C) images the decoder draws for ``captions`` (settings default to the
-  config's ``draw`` section; ``top_k`` 0 and ``cfg_scale`` 0 mean off; ``tokenizer``:
+  config's ``draw`` section; ``top_k`` 0, ``top_p`` 1 and ``cfg_scale`` 0 mean off; ``tokenizer``:
   default the one the config names)."""
   d = c.draw
   tok = tokenizer or tokenizer_for(c)
   layout = draw_tokens(tok.vocab_size, codes_model.config.codebook_size)
   temperature = d.temperature if temperature is None else temperature
   top_k = d.top_k if top_k is None else top_k
+  top_p = d.get("top_p", 1.0) if top_p is None else top_p
   cfg_scale = d.cfg_scale if cfg_scale is None else cfg_scale
   bs = batch_size or c.eval.batch_size
   cfg = codes_model.config
@@ -59,7 +60,8 @@ def draw_images(model, c, captions: list[str], codes_model: ic.ImageCodes, *, se
       image = np.zeros((len(chunk), cfg.image_size, cfg.image_size, cfg.image_channels),
                        np.float32)
     codes = sample_codes(model, prompts, layout, cfg.num_codes, temperature=float(temperature),
-                         top_k=int(top_k) or None, cfg_scale=float(cfg_scale) or None,
+                         top_k=int(top_k) or None, top_p=float(top_p) if top_p < 1 else None,
+                         cfg_scale=float(cfg_scale) or None,
                          uncond_ids=uncond, image=image, seed=seed + lo)
     out.append(ic.decode(codes_model, codes))
   return np.concatenate(out)
@@ -82,7 +84,7 @@ def draw_best_of(model, c, captions: list[str], codes_model: ic.ImageCodes,
   small decoder's single samples often bind a colour to the wrong shape or add one, while
   its captioner reads drawings well, so among K samples it finds a right one far more
   often than a single sample is right (measured in BENCHMARKS.md). With K = 1 this is
-  ``draw_images``. ``sample_kw``: ``draw_images``' seed / temperature / top_k / cfg_scale /
+  ``draw_images``. ``sample_kw``: ``draw_images``' seed / temperature / top_k / top_p / cfg_scale /
   batch_size."""
   k = int(c.draw.get("best_of", 1) if best_of is None else best_of)
   if k < 1:
