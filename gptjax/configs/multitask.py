@@ -5,18 +5,22 @@
 --out out.png``).
 
 What differs from ``demo``:
+- a 4-layer decoder (1,057,090 parameters with the vision tower; the demo's 2 layers drew
+  the prompt's colours and count in 0.23 of single samples after 6,000 steps, 4 layers in
+  0.54 at the same step, with caption / VQA as good: BENCHMARKS.md);
 - ``draw``: an FSQ image tokenizer (8x8 grid, levels 8x5x5x5 = 1000 codes; measured palette
-  accuracy .998 after 3000 steps at batch 64) is trained first and saved in the workdir;
-  a quarter of the training rows are then draw rows (10 % of them with an empty caption,
-  for classifier-free guidance);
+  accuracy .998 after 3000 steps at batch 64) is trained first and saved in the workdir; its
+  codes run column by column (the captions name the shapes left to right, so the decoder
+  meets them in the caption's order) and half the training rows are draw rows (10 % of them
+  with an empty caption, for classifier-free guidance);
 - the vocabulary holds the shapes words (304), the 1000 codes and ``<img>``: 1305, rounded
   up to 1312 (a multiple of 16; the extra ids are never targets and never sampled);
 - ``data.target_len`` 64 (a draw row's 64 codes), ``prompt_len`` 14 (the longest caption,
   12 tokens with ``<bos>``, + ``<img>``); packed rows of 80 tokens hold a draw row
   (14 + 64 - 1 = 77) padded as a row of its own, and all four vqa tasks of a record (46);
-- drawing samples with classifier-free guidance 1.5 and keeps the best of 16 samples by the
-  model's own caption likelihood (measured on a 4-layer run, 200 test prompts: colour+count
-  right for 0.47 of single samples, 0.75 of the picked ones; no guidance: 0.36 single);
+- drawing samples with nucleus sampling (top-p 0.95) and classifier-free guidance 1.5 and
+  keeps the best of 16 samples by the model's own caption likelihood (``draw.best_of``;
+  numbers in BENCHMARKS.md);
 - a contrastive (SigLIP) head on the image encoder, at weight 0.1, next to the LM loss
   (draw rows carry a blank image and no caption, so they take no part in it).
 """
@@ -32,13 +36,15 @@ def get_config():
   c.data.target_len = 64
   c.data.packed_len = 80
   m = c.model.to_dict()
-  m.update(max_seq_len=80, vocab_size=1312, contrastive_dim=64)
+  m.update(max_seq_len=80, vocab_size=1312, contrastive_dim=64, depth=4, num_unique_layers=4)
   name = "mini"
   c.model = model_section(name, **{k: v for k, v in m.items() if k != "vision"},
                           vision=c.model.vision)
   c.train.contrastive_weight = 0.1
-  c.draw = draw_section(enabled=True, rows_fraction=0.25, uncond_prob=0.1,
-                        eval_examples=64, temperature=1.0, top_k=0, cfg_scale=1.5, best_of=16)
+  c.draw = draw_section(enabled=True, rows_fraction=0.5, uncond_prob=0.1,
+                        eval_examples=64, temperature=1.0, top_k=0, top_p=0.95,
+                        cfg_scale=1.5, best_of=16)
+  c.draw.codes.order = "columns"
   c.draw.codes.steps = 3000
   c.draw.codes.batch_size = 64
   c.train.steps = 6000
