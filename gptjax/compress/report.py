@@ -38,7 +38,8 @@ class StageResult:
 TASK_COLUMNS = {"gen_i2t_r1": "i→t R@1 (gen)", "gen_t2i_r1": "t→i R@1 (gen)",
                 "con_i2t_r1": "i→t R@1 (con)", "con_t2i_r1": "t→i R@1 (con)",
                 "draw_color_and_count": "draw colour+count",
-                "draw_best_color_and_count": "draw colour+count (best of K)", "draw_all": "draw all"}
+                "draw_best_color_and_count": "draw colour+count (best of K)",
+                "draw_all": "draw all"}
 
 
 def write_report(results: list[StageResult], workdir: str, teacher: StageResult) -> str:

@@ -140,8 +140,8 @@ def draw_section(**kw) -> ml_collections.ConfigDict:
   ``codes``: the image tokenizer (``ImageCodesConfig`` fields, image size from the data)
   and its own training (``steps``, ``batch_size``, Adam ``lr``), run once before the LM;
   eval: ``eval_examples`` captions drawn with ``temperature`` / ``top_k`` (0: all codes) /
-  ``top_p`` (nucleus; 1: off) /
-  ``cfg_scale`` (0: no guidance; s > 0 samples from uncond + s * (cond - uncond)), and
+  ``top_p`` (nucleus; 1: off) / ``cfg_scale`` (0: no guidance; s > 0 samples from
+  uncond + s * (cond - uncond)), and
   ``best_of`` K samples per caption of which the model's own caption likelihood picks one
   (1: single samples; ``gptjax.train.evaluate_draw.draw_best_of``)."""
   d = dict(enabled=False, rows_fraction=0.25, uncond_prob=0.1,

@@ -8,9 +8,10 @@ plain NumPy connected components, no learnt part) compares the picture with the 
 single samples that are right in that respect. With ``draw.best_of`` K > 1, K samples are
 drawn per prompt (the rates above are over all of them) and the model itself picks one
 (``draw_best_of``: the highest caption likelihood given the drawing); ``draw_best_*`` are the
-same rates for the picked drawings, which the png shows. ``codes_palette_acc`` / ``codes_mae``: the
-tokenizer's own reconstruction of the split's images (an upper bound on what drawing can
-reach). ``image_text`` data have no analyser: only the tokenizer's error is reported.
+same rates for the picked drawings, which the png shows. ``codes_palette_acc`` /
+``codes_mae``: the tokenizer's own reconstruction of the split's images (an upper bound on
+what drawing can reach). ``image_text`` data have no analyser: only the tokenizer's error
+is reported.
 """
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ def draw_images(model, c, captions: list[str], codes_model: ic.ImageCodes, *, se
                 top_p: Optional[float] = None, cfg_scale: Optional[float] = None,
                 batch_size: Optional[int] = None, tokenizer=None) -> np.ndarray:
   """uint8 (N, H, W, C) images the decoder draws for ``captions`` (settings default to the
-  config's ``draw`` section; ``top_k`` 0, ``top_p`` 1 and ``cfg_scale`` 0 mean off; ``tokenizer``:
-  default the one the config names)."""
+  config's ``draw`` section; ``top_k`` 0, ``top_p`` 1 and ``cfg_scale`` 0 mean off;
+  ``tokenizer``: default the one the config names)."""
   d = c.draw
   tok = tokenizer or tokenizer_for(c)
   layout = draw_tokens(tok.vocab_size, codes_model.config.codebook_size)
@@ -68,6 +69,7 @@ def draw_images(model, c, captions: list[str], codes_model: ic.ImageCodes, *, se
 
 
 class BestOf(NamedTuple):
+  """What ``draw_best_of`` returns."""
   images: np.ndarray  # (N, H, W, C) uint8: the kept drawing of each caption
   candidates: np.ndarray  # (N, K, H, W, C) uint8: every sample
   scores: Optional[np.ndarray]  # (N, K) the model's caption likelihoods; None when K = 1
@@ -79,13 +81,13 @@ def draw_best_of(model, c, captions: list[str], codes_model: ic.ImageCodes,
   the one the same model scores highest as that caption's image (``paired_scores``: the
   mean log-likelihood of the caption given the drawing, the generative matching score).
 
-  Returns a ``BestOf`` (kept images, all candidates, their scores). The choice uses nothing but
-  the model (no analyser, no labels), as CLIP reranking picks among DALL-E's samples: a
+  Returns a ``BestOf`` (kept images, all candidates, their scores). The choice uses nothing
+  but the model (no analyser, no labels), as CLIP reranking picks among DALL-E's samples: a
   small decoder's single samples often bind a colour to the wrong shape or add one, while
   its captioner reads drawings well, so among K samples it finds a right one far more
   often than a single sample is right (measured in BENCHMARKS.md). With K = 1 this is
-  ``draw_images``. ``sample_kw``: ``draw_images``' seed / temperature / top_k / top_p / cfg_scale /
-  batch_size."""
+  ``draw_images``. ``sample_kw``: ``draw_images``' seed / temperature / top_k / top_p /
+  cfg_scale / batch_size."""
   k = int(c.draw.get("best_of", 1) if best_of is None else best_of)
   if k < 1:
     raise ValueError(f"best_of={k} is invalid: must be >= 1 (1: a single sample)")
