@@ -5,9 +5,10 @@
 --out out.png``).
 
 What differs from ``demo``:
-- a 4-layer decoder (1,057,090 parameters with the vision tower; the demo's 2 layers drew
-  the prompt's colours and count in 0.23 of single samples after 6,000 steps, 4 layers in
-  0.54 at the same step, with caption / VQA as good: BENCHMARKS.md);
+- a 4-layer decoder (1,057,090 parameters with the vision tower): with the column order and
+  draw rows below, single samples drew the prompt's colours and count in 0.31 of prompts
+  with the demo's 2 layers and 0.43 with 4 after 6,000 steps (0.54 with guidance), caption /
+  VQA as good (BENCHMARKS.md);
 - ``draw``: an FSQ image tokenizer (8x8 grid, levels 8x5x5x5 = 1000 codes; measured palette
   accuracy .998 after 3000 steps at batch 64) is trained first and saved in the workdir; its
   codes run column by column (the captions name the shapes left to right, so the decoder
