@@ -126,12 +126,12 @@ def draw_metrics(model, c, split: str, codes_model: ic.ImageCodes, *, source=Non
   if n == 0:
     return out
   captions = [_text(r[c.data.caption_key]) for r in records]
-  chosen, cands, _ = draw_best_of(model, c, captions, codes_model, seed=c.seed)
+  chosen, cands, scores = draw_best_of(model, c, captions, codes_model, seed=c.seed)
   if shapes:
-    out.update(_rates([sa.matches(img, r) for r, per in zip(records, cands) for img in per],
-                      "draw_"))
-    if cands.shape[1] > 1:
-      out.update(_rates([sa.matches(img, r) for img, r in zip(chosen, records)], "draw_best_"))
+    read = [[sa.matches(img, r) for img in per] for r, per in zip(records, cands)]
+    out.update(_rates([m for row in read for m in row], "draw_"))
+    if scores is not None:  # the kept drawings' readings: no second analysis
+      out.update(_rates([row[k] for row, k in zip(read, scores.argmax(axis=1))], "draw_best_"))
   else:
     log.info("draw: data.name=%r has no image analyser; only the tokenizer's error is "
              "reported", c.data.name)
