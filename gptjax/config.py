@@ -164,11 +164,12 @@ class ModelConfig:
   # each block's input); 'dots' (keep the matmul outputs, recompute the cheap rest).
   # Booleans are accepted as before (True: 'full', False: 'none').
   remat: str = "none"
-  # Apply the layers with one jax.lax.scan (training / eval forward): XLA sees one block
-  # body instead of `depth` copies. The parameter layout is unchanged (checkpoints restore
-  # either way); decoding still loops. Measured on CPU (width 128): a 24-layer step runs in
-  # 0.65-0.80x the loop's time but compiles slower (26 vs 21 s): the optimizer still updates
-  # each block's arrays separately. Off by default.
+  # Apply the layers with one jax.lax.scan (training / eval forward) over blocks stored
+  # stacked (one array per parameter kind, leading `layers` axis; see gptjax.layout): XLA
+  # sees one block body and the optimizer one array per kind instead of `depth` copies, so
+  # compile time stays flat in depth. Checkpoints of either layout restore into the other;
+  # decoding loops over slices of the stack. Off by default: at 2-12 layers of width 128
+  # on CPU the loop's step is faster (benchmarks/compile_depth.py).
   scan_layers: bool = False
   vision: Optional[VisionConfig] = None
   prefix_lm: bool = True  # image tokens attend to each other bidirectionally

@@ -21,6 +21,7 @@ from gptjax.layers.contrastive import ContrastiveHead
 from gptjax.layers.embed import Embed, LearnedPositions
 from gptjax.layers.linear import Dense
 from gptjax.layers.norm import Norm
+from gptjax.layers.stacked import module_slice, stack_modules
 from gptjax.vision import make_vision_encoder
 
 
@@ -78,8 +79,11 @@ class GPT(nnx.Module):
                                        rngs=rngs) if cfg.position == "learned" else None)
     # Weight sharing (ALBERT): only `num_unique_layers` blocks exist; layer i applies block
     # i mod u, so the parameter count and the checkpoint really shrink.
+    # scan_layers: the u blocks are stored as one stacked block (leading `layers` axis),
+    # drawn from the same random stream, so a seed gives the same weights in either layout.
     bcfg = block_config(cfg)
-    self.blocks = nnx.List([Block(bcfg, rngs=rngs) for _ in range(cfg.num_unique_layers)])
+    blocks = [Block(bcfg, rngs=rngs) for _ in range(cfg.num_unique_layers)]
+    self.blocks = stack_modules(blocks) if cfg.scan_layers else nnx.List(blocks)
     self.final_norm = Norm(cfg.width, cfg.norm, eps=cfg.norm_eps, param_dtype=pdt, rngs=rngs)
     self.head = (None if cfg.tie_embeddings else
                  Dense((cfg.width,), (cfg.vocab_size,), ("embed", "vocab"), use_bias=False,
@@ -88,7 +92,12 @@ class GPT(nnx.Module):
 
   # -- pieces -------------------------------------------------------------------------
   def layer(self, i: int) -> Block:
-    return self.blocks[i % len(self.blocks)]
+    """The block layer i applies (block i mod u); in the scan layout, a module over slices
+    of the stacked arrays."""
+    u = self.config.num_unique_layers
+    if self.config.scan_layers:
+      return module_slice(self.blocks, i % u)
+    return self.blocks[i % u]
 
   def embed_inputs(self, tokens: jax.Array, prefix: Optional[jax.Array],
                    positions: jax.Array) -> jax.Array:
@@ -129,35 +138,20 @@ class GPT(nnx.Module):
     """The training / eval forward as ONE ``jax.lax.scan`` over the ``depth`` layers.
 
     Why: the Python loop hands XLA ``depth`` copies of the block, so compile time grows
-    with depth; a scan body is compiled once. The parameters keep their layout (u separate
-    blocks in ``self.blocks``), so checkpoints, pruning, quantization, the GPT-2 import /
-    export and the distillation hooks see the same tree whether or not the model scans;
-    the blocks' states are stacked here, inside the traced forward, and the gradient flows
-    back through the stack (weight sharing still sums the per-layer gradients).
+    with depth; a scan body is compiled once, and the stored stack (``self.blocks``, one
+    array per parameter kind with a leading axis of u) is what it consumes.
 
-    The cost: one stacked copy of the applied blocks' parameters per step. Layer i's
-    parameters (block i mod u) are gathered up front and scanned over as ``xs`` rather than
-    picked inside the body with a dynamic index: the gradient of a dynamic index is a
-    (u, ...) buffer added into the carried gradient at every step, O(depth * u) work, while
-    ``xs`` hands each layer's gradient out as a scan output and the gather's transpose sums
-    the shared ones once. (The copy holds depth blocks, as many as an unshared model has.)
+    Weight sharing (u < depth): layer i's parameters (block i mod u) are gathered into a
+    depth-long stack and scanned over as ``xs`` rather than picked inside the body with a
+    dynamic index: the gradient of a dynamic index is a (u, ...) buffer added into the
+    carried gradient at every step, O(depth * u) work, while ``xs`` hands each layer's
+    gradient out as a scan output and the gather's transpose sums the shared ones once.
     """
     cfg = self.config
-    split = [nnx.split(b) for b in self.blocks]
-    graphdef = split[0][0]
-    if any(g != graphdef for g, _ in split[1:]):
-      raise ValueError("ModelConfig.scan_layers=True needs identically shaped blocks (one "
-                       "scan body), but the model's blocks differ in structure (e.g. pruned "
-                       "per layer): set scan_layers=False")
-    try:
-      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[s for _, s in split])
-    except ValueError as e:
-      raise ValueError("ModelConfig.scan_layers=True needs identically shaped blocks (one "
-                       f"scan body): {e}; set scan_layers=False") from e
-    u = len(self.blocks)
-    if u != cfg.depth:
-      layer_block = np.arange(cfg.depth) % u  # static: layer i applies block i mod u
-      stacked = jax.tree.map(lambda s: jnp.take(s, layer_block, axis=0), stacked)
+    graphdef, state = nnx.split(self.blocks)
+    if cfg.num_unique_layers != cfg.depth:
+      layer_block = np.arange(cfg.depth) % cfg.num_unique_layers  # static
+      state = jax.tree.map(lambda s: jnp.take(s, layer_block, axis=0), state)
 
     def body(h, state):
       h, _ = nnx.merge(graphdef, state)(h, **kw)
@@ -167,7 +161,7 @@ class GPT(nnx.Module):
       # prevent_cse=False: a scan already keeps XLA from merging the recomputation with the
       # forward (jax.checkpoint's documented advice for scan bodies).
       body = jax.checkpoint(body, prevent_cse=False, policy=remat_policy(cfg.remat))
-    x, _ = jax.lax.scan(body, x, stacked)
+    x, _ = jax.lax.scan(body, x, state)
     return x, (None,) * cfg.depth
 
   # -- public -------------------------------------------------------------------------

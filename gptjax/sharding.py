@@ -38,6 +38,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("patch", None),
     ("seq", None),
     ("position", None),  # rows of learned position tables
+    ("layers", None),  # the stacked axis of ModelConfig.scan_layers=True blocks
 )
 
 

@@ -13,7 +13,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 FLOORS = [
     ("gptjax.tree", "gptjax.sharding", "gptjax.config", "gptjax.flops", "gptjax.init",
      "gptjax.layers"),
-    ("gptjax.vision", "gptjax.model", "gptjax.batch"),
+    ("gptjax.vision", "gptjax.model", "gptjax.layout", "gptjax.batch"),
     ("gptjax.generate",),
     ("gptjax.data",),
     ("gptjax.tasks",),  # what a trained model does: match, retrieve, draw; caption metrics

@@ -1,7 +1,9 @@
-"""ModelConfig.scan_layers (one lax.scan over the layers) and the remat policies: the same
-values and gradients as the Python loop over the blocks (the reference: an independent code
-path over the same parameters), the same parameter tree. Compile time against depth is a benchmark
-(benchmarks/compile_depth.py), not a timed test."""
+"""ModelConfig.scan_layers (blocks stored stacked, one lax.scan over the layers) and the
+remat policies: the same values and gradients as the Python loop over separate blocks (the
+reference: an independent code path over the same parameters); the layout conversions
+(checkpoints of either layout restore into the other, the per-block transforms take a
+scanned model). Compile time against depth is a benchmark (benchmarks/compile_depth.py),
+not a timed test."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,6 +17,7 @@ import pytest
 from flax import nnx
 
 import gptjax
+from gptjax.layout import loop_layout, to_layout, with_layout
 
 TINY = gptjax.preset("tiny")
 CNN = gptjax.VisionConfig(kind="cnn", image_size=8, cnn_channels=(8,), cnn_pools=1)  # 16 tokens
@@ -31,10 +34,10 @@ def _image(seed, b=B):
 
 def _scanned_twin(model, **changes):
   """A model of the same config with ``changes`` (scan_layers=True by default) holding the
-  very same parameters (built from another seed, then overwritten)."""
+  very same parameters (built from another seed, then overwritten in its layout)."""
   cfg = dataclasses.replace(model.config, **{"scan_layers": True, **changes})
   twin = gptjax.from_config(cfg, seed=123)
-  nnx.update(twin, nnx.state(model, nnx.Param))
+  nnx.update(twin, to_layout(nnx.state(model, nnx.Param), cfg.scan_layers))
   return twin
 
 
@@ -74,7 +77,7 @@ def _check_scan_matches_loop(loop, ref, image=None):
   assert "scan" in jaxpr
   np.testing.assert_allclose(np.asarray(z1), np.asarray(z0), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(l1, l0, rtol=1e-6)
-  _assert_trees_close(g0, g1)
+  _assert_trees_close(g0, to_layout(g1, False))
   return g1
 
 
@@ -101,31 +104,95 @@ def test_remat_policies_match_no_remat(shared_gpt, policy, scan):
   l1, g1, _, jaxpr = _loss_grads_logits(_scanned_twin(loop, scan_layers=scan, remat=policy),
                                         _tokens(0))
   np.testing.assert_allclose(l1, l0, rtol=1e-6)
-  _assert_trees_close(g0, g1)  # float reassociation only
+  _assert_trees_close(g0, to_layout(g1, False))  # float reassociation only
   # The policy is really applied: the backward recomputes under a checkpoint.
   assert "remat" in jaxpr or "checkpoint" in jaxpr
   assert ("scan" in jaxpr) == scan
 
 
-def test_checkpoint_of_loop_model_restores_into_scanned(tmp_path, shared_gpt):
-  # (decoding does not scan, so generation is the loop's by construction: not re-tested)
+def test_stacked_layout_holds_block_i_at_index_i():
+  # Checked by indexing, not through gptjax.layout: a seed gives the same weights in both
+  # layouts, block i of the loop model at index i of every stacked array.
+  cfg = TINY.replace(depth=3, num_unique_layers=2)
+  loop = gptjax.from_config(cfg, seed=5)
+  scan = gptjax.from_config(cfg.replace(scan_layers=True), seed=5)
+  stacked = nnx.to_pure_dict(nnx.state(scan.blocks, nnx.Param))
+  for i in range(2):
+    sep = nnx.to_pure_dict(nnx.state(loop.blocks[i], nnx.Param))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a)[i], np.asarray(b)),
+                 stacked, sep)
+  q = nnx.state(scan.blocks, nnx.Param)["attn"]["q"]["kernel"]
+  assert q.get_metadata()["logical_axes"] == ("layers", "embed", "heads", "head_dim")
+  # One array per parameter kind whatever the depth (what keeps the optimizer's compile flat).
+  deep = nnx.eval_shape(lambda: gptjax.GPT(cfg.replace(depth=12, num_unique_layers=12,
+                                                       scan_layers=True), rngs=nnx.Rngs(0)))
+  assert (len(jax.tree.leaves(nnx.state(deep, nnx.Param)))
+          == len(jax.tree.leaves(nnx.state(scan, nnx.Param))))
+  # Layouts round-trip, also a raw Orbax pure dict with string block keys.
+  back = with_layout(with_layout(loop, True), False)
+  _assert_trees_close(nnx.state(loop, nnx.Param), nnx.state(back, nnx.Param), 0, 0)
+  raw = {k: ({str(i): b for i, b in v.items()} if k == "blocks" else v)
+         for k, v in nnx.to_pure_dict(nnx.state(loop, nnx.Param)).items()}
+  _assert_trees_close(to_layout(raw, True), nnx.to_pure_dict(nnx.state(scan, nnx.Param)), 0, 0)
+
+
+def test_scanned_model_generates_and_feeds_per_block_transforms(shared_gpt):
   loop, _ = shared_gpt
-  path = os.path.abspath(tmp_path / "params")
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(path, nnx.to_pure_dict(nnx.state(loop, nnx.Param)))
-  ckpt.wait_until_finished()
-  cfg = dataclasses.replace(loop.config, scan_layers=True)
-  abstract = nnx.eval_shape(lambda: gptjax.GPT(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  assert (jax.tree.structure(nnx.state(abstract, nnx.Param))
-          == jax.tree.structure(nnx.state(loop, nnx.Param)))
-  nnx.replace_by_pure_dict(state, ocp.StandardCheckpointer().restore(path))
-  scan = nnx.merge(graphdef, state)
-  assert scan.config.scan_layers
-  _assert_trees_close(nnx.state(loop, nnx.Param), nnx.state(scan, nnx.Param), 0, 0)
-  tokens = _tokens(3, t=5)
-  np.testing.assert_allclose(np.asarray(scan(tokens)), np.asarray(loop(tokens)),
-                             rtol=1e-5, atol=1e-5)
+  scan = _scanned_twin(loop)
+  prompt = _tokens(4, t=5)
+  # Decoding loops over slices of the stack: the same greedy tokens as the loop model.
+  np.testing.assert_array_equal(
+      np.asarray(gptjax.generate(scan, prompt, max_new_tokens=4, temperature=0.0)),
+      np.asarray(gptjax.generate(loop, prompt, max_new_tokens=4, temperature=0.0)))
+  # Structured pruning takes the scanned model (its result has separate blocks).
+  from gptjax.compress.prune import prune_neurons
+  (cfg_a, a), (cfg_b, b) = prune_neurons(scan, 16), prune_neurons(loop, 16)
+  assert cfg_a == cfg_b and not cfg_a.scan_layers
+  _assert_trees_close(b, a, 0, 0)
+  # GPT-2 export names h.<i> per block from either layout.
+  from gptjax.interop import hf_gpt2
+  gpt2 = TINY.replace(depth=2, vocab_size=64, num_kv_heads=TINY.num_heads)  # GPT-2: no GQA
+  ref = dict(hf_gpt2.hf_tensors(gptjax.from_config(gpt2, seed=1)))
+  got = dict(hf_gpt2.hf_tensors(gptjax.from_config(gpt2.replace(scan_layers=True), seed=1)))
+  assert sorted(got) == sorted(ref) and "transformer.h.1.mlp.c_fc.weight" in got
+  for k in ref:
+    np.testing.assert_array_equal(got[k], ref[k])
+  assert loop_layout(loop) is loop
+
+
+@pytest.mark.parametrize("saved_scan", [False, True])
+def test_checkpoint_restores_into_the_other_layout(tmp_path, saved_scan):
+  # A train state (parameters and AdamW moments) saved in one layout restores into a model
+  # of the other, sharded over the 8-device test mesh, values exactly the saved ones.
+  import optax
+  from gptjax import sharding as shd
+  from gptjax.train.checkpoint import Checkpointer, CheckpointMismatchError
+  from gptjax.train.state import create_train_state, restore_train_state
+  cfg = TINY.replace(depth=3, num_unique_layers=2)
+  mesh = shd.make_mesh(2, 1, 4)
+  tx = optax.adamw(1e-3)
+  _, _, state, _ = create_train_state(cfg.replace(scan_layers=saved_scan), tx, mesh, 0)
+  mu = jax.tree.map(lambda p: p + 1.0, state.params)  # moments distinct from the params
+  state = state.replace(opt_state=(state.opt_state[0]._replace(mu=mu),) + state.opt_state[1:])
+  ckpt = Checkpointer(str(tmp_path / "ckpt"), save_every=1)
+  ckpt.save(1, state, force=True)
+  ckpt.wait()
+  _, _, abstract, shardings = create_train_state(cfg.replace(scan_layers=not saved_scan), tx,
+                                                 mesh, 0, abstract=True)
+  restored = restore_train_state(ckpt, abstract)
+  saved = nnx.to_pure_dict(state.params)
+  got = to_layout(nnx.to_pure_dict(restored.params), saved_scan)
+  _assert_trees_close(saved, got, 0, 0)
+  _assert_trees_close(jax.tree.map(lambda x: x + 1.0, saved),
+                      to_layout(nnx.to_pure_dict(restored.opt_state[0].mu), saved_scan), 0, 0)
+  for x, sh in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)):
+    assert x.sharding.is_equivalent_to(sh, x.ndim)
+  # A checkpoint of another model is still refused with the target's own error.
+  _, _, other, _ = create_train_state(cfg.replace(width=64, num_heads=4), tx, mesh, 0,
+                                      abstract=True)
+  with pytest.raises(CheckpointMismatchError, match="shape mismatch"):
+    restore_train_state(ckpt, other)
+  ckpt.close()
 
 
 def test_bad_configs_name_the_field():
@@ -140,3 +207,12 @@ def test_bad_configs_name_the_field():
   assert gptjax.ModelConfig(remat=False).remat == "none"
   assert gptjax.ModelConfig(remat="True").remat == "full"  # --config.model.remat=True
   assert gptjax.ModelConfig(scan_layers=True, dropout=0.0).scan_layers
+  from gptjax.compress.hooks import validate
+  from gptjax.runs import base_config
+  for section in ("qat", "prune"):
+    c = base_config()
+    c.model.scan_layers = True
+    c[section].enabled = True
+    with pytest.raises(ValueError, match=r"config\.model\.scan_layers=True is invalid.*"
+                       rf"{section}\.enabled.*--config\.model\.scan_layers=False"):
+      validate(c)

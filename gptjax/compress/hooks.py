@@ -93,6 +93,13 @@ def add_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def validate(c) -> None:
   """Checks the ``qat`` and ``prune`` sections (when enabled)."""
   q = _section(c, "qat")
+  for name, section in (("qat", q), ("prune", _section(c, "prune"))):
+    if section is not None and c.model.get("scan_layers", False):
+      # QAT rules and per-layer sparsity name separate blocks (blocks/<i>/...): the stacked
+      # layout would quantize nothing / rank all layers' weights together.
+      fail("model.scan_layers", True, f"must be False with config.{name}.enabled=True "
+           "(quantization-aware training and gradual pruning act on separate blocks); set "
+           "--config.model.scan_layers=False")
   if q is not None:
     require_qwix("config.qat.enabled=True (quantization-aware training)")
     if q.weight_qtype not in QAT_QTYPES:

@@ -31,6 +31,7 @@ from flax import nnx
 
 from gptjax.config import ModelConfig
 from gptjax.data.tokenizers import BPETokenizer, save_tokenizer
+from gptjax.layout import to_layout
 from gptjax.model import GPT
 
 SAFETENSORS = "model.safetensors"
@@ -195,7 +196,7 @@ def load(path: str, *, dtype: str = "float32", param_dtype: str = "float32") -> 
 def hf_tensors(model: GPT) -> Iterator[tuple[str, np.ndarray]]:
   """(HF tensor name, float32 array) for every GPT-2 tensor of ``model``."""
   cfg = model.config
-  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  pure = to_layout(nnx.to_pure_dict(nnx.state(model, nnx.Param)), False)  # h.<i> per block
   fused: dict[str, list] = {}
   for name, (ours, _, to_hf) in _mapping(cfg).items():
     arr = np.asarray(jax.device_get(_get(pure, ours)), np.float32)

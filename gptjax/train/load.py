@@ -20,7 +20,7 @@ from gptjax.data.tokenizers import load_tokenizer, save_tokenizer
 from gptjax.train.config import CONFIG_VERSION, draw_section, tokenizer_for, validate
 from gptjax.train.hooks import RunHooks
 from gptjax.train.optim import make_optimizer
-from gptjax.train.state import create_train_state
+from gptjax.train.state import create_train_state, restore_train_state
 
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -94,7 +94,7 @@ def load_model(workdir: str, *, config: Optional[ml_collections.ConfigDict] = No
                                                     model_fn=hooks.model_fn, abstract=True)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c.checkpoint.every)
   try:
-    state = ckpt.restore(abstract, step=step)
+    state = restore_train_state(ckpt, abstract, step=step)
   finally:
     ckpt.close()
   module = nnx.merge(graphdef, state.params, rest)

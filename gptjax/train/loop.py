@@ -28,7 +28,7 @@ from gptjax.train.lock import (WorkdirLockedError, WorkdirNotWritableError, acqu
 from gptjax.train.metrics import MetricsLogger, Throughput, plot_losses
 from gptjax.train.optim import make_optimizer, schedule
 from gptjax.train.preemption import PreemptionWatcher
-from gptjax.train.state import create_train_state
+from gptjax.train.state import create_train_state, restore_train_state
 from gptjax.train.step import jit_train_step, make_train_step
 
 log = logging.getLogger("gptjax")
@@ -295,7 +295,7 @@ def _resume(c, ckpt: Checkpointer, abstract, iterator):
     skipped, errors = [], []
     for candidate in reversed(ckpt.all_steps()):
       try:
-        state = ckpt.restore(abstract, iterator, step=candidate)
+        state = restore_train_state(ckpt, abstract, iterator, step=candidate)
         break
       except CheckpointCorruptError as e:
         log.warning("checkpoint.fallback: step %d is unreadable: %s", candidate, e)
@@ -307,7 +307,7 @@ def _resume(c, ckpt: Checkpointer, abstract, iterator):
       log.warning("checkpoint.fallback: skipped unreadable step(s) %s, resumed from step %d",
                   skipped, int(state.step))
   else:
-    state = ckpt.restore(abstract, iterator, step=step)
+    state = restore_train_state(ckpt, abstract, iterator, step=step)
   newer = [s for s in ckpt.all_steps() if s > int(state.step)]
   if newer:
     ckpt.set_aside(newer, "superseded")

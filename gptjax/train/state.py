@@ -1,6 +1,7 @@
 """The training state pytree and its (sharded) creation."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Optional
 
 import flax.struct
@@ -12,7 +13,11 @@ from flax import nnx
 from gptjax import sharding as shd
 from gptjax.config import ModelConfig
 from gptjax.init import init_compiler_options
+from gptjax.layout import flip_layout, has_decoder, to_layout
 from gptjax.model import from_config
+from gptjax.train.checkpoint import CheckpointMismatchError
+
+log = logging.getLogger(__name__)
 
 
 @flax.struct.dataclass
@@ -64,6 +69,7 @@ def create_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh,
       rest = jax.jit(lambda: init(None)[1], out_shardings=shd.replicated(mesh))()
     return graphdef, rest, abstract_train_state(abstract_state, shardings), shardings
   if init_params is not None:  # onto this mesh (it may come from another device set)
+    init_params = to_layout(init_params, cfg.scan_layers)  # e.g. GPT-2 weights into a scan
     init_params = jax.device_put(init_params, shd.state_shardings(init_params, mesh))
   abstract_state, _ = jax.eval_shape(init, init_params)
   shardings = shd.state_shardings(abstract_state, mesh)
@@ -80,3 +86,24 @@ def abstract_train_state(state: TrainState, shardings) -> Any:
   """ShapeDtypeStructs with target shardings: what a checkpoint restore needs."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       state, shardings)
+
+
+def restore_train_state(ckpt, abstract, data_iterator=None, *, step: Optional[int] = None):
+  """``ckpt.restore(abstract, data_iterator, step=step)``, also from a checkpoint saved in
+  the other decoder layout (``ModelConfig.scan_layers`` flipped since it was written): read
+  in the layout it was saved in, then converted (parameters and optimizer moments alike)
+  into the target's layout and shardings. A checkpoint that matches neither raises the
+  target's own mismatch error."""
+  try:
+    return ckpt.restore(abstract, data_iterator, step=step)
+  except CheckpointMismatchError as mismatch:
+    if not has_decoder(abstract):
+      raise
+    try:  # the tree check runs before any array (or the data iterator) is read
+      saved = ckpt.restore(flip_layout(abstract), data_iterator, step=step)
+    except CheckpointMismatchError:
+      raise mismatch from None
+  log.info("checkpoint in the other layer layout (ModelConfig.scan_layers changed): "
+           "converted on restore")
+  shardings = jax.tree.map(lambda x: x.sharding, abstract)
+  return jax.jit(flip_layout, out_shardings=shardings)(saved)

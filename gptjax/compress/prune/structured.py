@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from gptjax.compress.prune._select import check_int, entries, rebuild
+from gptjax.layout import loop_layout, to_layout
 from gptjax.model import GPT, VLM
 from gptjax.tree import path_str
 
@@ -32,9 +33,13 @@ def _unpack(model_or_cfg_params):
     if not hasattr(model, "config"):
       raise ValueError(f"{type(model).__name__} has no .config: pass a GPT or VLM, or "
                        "(cfg, params)")
+    model = loop_layout(model)  # blocks pruned per layer cannot stay stacked
     return model.config, nnx.state(model, nnx.Param)
   if isinstance(model_or_cfg_params, (tuple, list)) and len(model_or_cfg_params) == 2:
-    return tuple(model_or_cfg_params)
+    cfg, params = model_or_cfg_params
+    if getattr(cfg, "scan_layers", False):
+      cfg, params = dataclasses.replace(cfg, scan_layers=False), to_layout(params, False)
+    return cfg, params
   raise ValueError("model_or_cfg_params must be a GPT/VLM module or a (ModelConfig, params) "
                    f"pair, got {type(model_or_cfg_params).__name__}")
 

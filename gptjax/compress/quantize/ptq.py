@@ -21,6 +21,7 @@ from flax import nnx
 from gptjax import batch as batch_lib
 from gptjax.compress.quantize import build
 from gptjax.compress.quantize.rules import check_rules, default_rules, qt_rule
+from gptjax.layout import loop_layout
 
 # The jitted forward(model, batch) every quantized-vs-float comparison shares (one compile
 # per model class and batch shape).
@@ -76,6 +77,7 @@ def ptq_int8(model: nnx.Module, calibration_batches, *, weights: bool = True,
   (qwix's fast path). ``rules`` replaces ``default_rules`` (which keep embeddings, norms and
   the untied LM head float).
   """
+  model = loop_layout(model)  # the rules name blocks/<i>/...
   batches = _batches(calibration_batches)
   if not weights:
     raise ValueError("weights=False is not supported: qwix quantizes an op only when its "
@@ -103,6 +105,7 @@ def int4_weight_only(model: nnx.Module, *, group_size: int = 32, sample_batch=No
   Convs stay float (qwix's PTQ conv needs equal weight/activation qtypes, no tiling).
   ``sample_batch`` only provides shapes (a dummy is built from ``model.config`` if None).
   """
+  model = loop_layout(model)  # the rules name blocks/<i>/...
   if rules is None:
     rules = default_rules(model, weight_qtype=weight_qtype, group_size=group_size,
                           include_head=include_head)

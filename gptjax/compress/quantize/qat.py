@@ -11,6 +11,7 @@ from flax import nnx
 from gptjax.compress.quantize import build
 from gptjax.compress.quantize.rules import default_rules, qt_rule
 from gptjax.compress.quantize.storage import pure_tree
+from gptjax.layout import loop_layout
 
 
 def qat_model(model: nnx.Module, *, weight_qtype="int8", act_qtype="int8",
@@ -27,6 +28,7 @@ def qat_model(model: nnx.Module, *, weight_qtype="int8", act_qtype="int8",
   the ``nnx.Param`` s and does not write other model state back, so those statistics would
   stay at their initial values there: the default is dynamic activation scales.
   """
+  model = loop_layout(model)  # the rules name blocks/<i>/...
   if rules is None:
     rules = default_rules(model, weight_qtype=weight_qtype, act_qtype=act_qtype,
                           act_static_scale=act_static_scale, include_head=include_head)
