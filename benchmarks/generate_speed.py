@@ -141,7 +141,8 @@ def table(res: dict) -> str:
                    f"{r['first_call_s']:.2f} |")
   lines += ["", "New prompt lengths after the batch-1 runs at prompt "
             f"{s['prompt']} (prefill and decode loop are two programs, compiled at "
-            "bucketed shapes: prompt and output powers of two, cache a multiple of 64):", "",
+            "bucketed shapes: prompt, output and cache powers of two, the cache >= 64 "
+            "slots):", "",
             "| prompt length | new prefill programs | new decode programs | first call (s) |",
             "|---:|---:|---:|---:|"]
   lines += [f"| {t} | {n['prefill_programs']} | {n['decode_programs']} | "

@@ -122,8 +122,9 @@ def test_decode_in_chunks(attention, position):
 
 def test_prompt_lengths_share_compiled_programs():
   """Prompts are padded to power-of-two buckets: another length in the same bucket compiles
-  nothing; the next bucket compiles only a prefill while the total fits the same 64-slot
-  cache. Each output still equals the uncached greedy reference of its own prompt."""
+  nothing; the next bucket compiles only a prefill while the total fits the same
+  power-of-two cache (here 64 slots). Each output still equals the uncached greedy
+  reference of its own prompt."""
   from gptjax.generate import _decode, _prefill
   model = _make("gpt", position="rope")[0]  # rope: no learned-table cap on the buckets
   counts = lambda: (_prefill._cache_size(), _decode._cache_size())  # noqa: E731
