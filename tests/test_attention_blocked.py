@@ -125,11 +125,12 @@ def test_blocked_memory_grows_linearly():
 def test_auto_picks_blocked_above_threshold_and_rejects_unknown():
   small = jnp.zeros((1, 64, 4, 8))
   big = jnp.zeros((1, 1024, 4, 8))
+  ok = dict(cudnn_ok=True, splash_ok=True)
   if jax.default_backend() == "cpu":
-    assert A.choose_implementation("auto", small, small, simple=True) == "xla"
-    assert A.choose_implementation("auto", big, big, simple=True) == "blocked"
-  assert A.choose_implementation("auto", big, big, simple=False) == "blocked"
-  assert A.choose_implementation("blocked", small, small, simple=True) == "blocked"
+    assert A.choose_implementation("auto", small, small, **ok) == "xla"
+    assert A.choose_implementation("auto", big, big, **ok) == "blocked"
+  assert A.choose_implementation("auto", big, big, cudnn_ok=False, splash_ok=False) == "blocked"
+  assert A.choose_implementation("blocked", small, small, **ok) == "blocked"
   with pytest.raises(ValueError, match="implementation='flash'.*'blocked'"):
     A.softmax_attention(small, small, small, implementation="flash")
   assert gptjax.preset("tiny", attention_impl="blocked").attention_impl == "blocked"

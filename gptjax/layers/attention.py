@@ -16,6 +16,7 @@ from flax import nnx
 from gptjax.layers.blocked_attention import (  # noqa: F401  (segment ids re-exported)
     PAD_SEGMENT, SHARED_SEGMENT, position_mask, softmax_blocked)
 from gptjax.layers.embed import apply_rope
+from gptjax.layers.fused_attention import cudnn_attention, splash_attention, splash_supports
 from gptjax.layers.linear import Dense
 
 LINEAR_EPS = 1e-6  # in the linear-attention normaliser: phi(q).z is > 0 but can underflow
@@ -113,20 +114,6 @@ def _softmax_xla(q, k, v, mask, k_layout: str = "bskh", v_layout: str = "bskh"):
   return out.reshape(b, t, n, h)
 
 
-def _softmax_cudnn(q, k, v, causal):
-  return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
-
-
-def _softmax_pallas_tpu(q, k, v, causal):
-  # Imported lazily: the Pallas TPU kernels only exist/compile on TPU builds.
-  from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
-  n = q.shape[2]
-  k, v = _repeat_kv(k, n), _repeat_kv(v, n)
-  tr = lambda x: jnp.swapaxes(x, 1, 2)  # kernel wants (B, N, T, H)
-  out = flash_attention(tr(q), tr(k), tr(v), causal=causal, sm_scale=q.shape[-1] ** -0.5)
-  return tr(out)
-
-
 IMPLEMENTATIONS = ("auto", "xla", "blocked", "cudnn", "pallas")
 # 'auto' uses the blocked (flash-style) kernel once the einsum's T*S logits pass this many
 # per head. Measured on the 2-core CPU (B 1, 4x64 heads, causal, float32): forward alone the
@@ -136,24 +123,27 @@ IMPLEMENTATIONS = ("auto", "xla", "blocked", "cudnn", "pallas")
 BLOCKED_MIN_LOGITS = 256 * 256
 
 
-def choose_implementation(requested: str, q: jax.Array, k: jax.Array, *, simple: bool) -> str:
-  """Pick the softmax backend. ``simple``: plain causal or full mask, no cache offset/prefix.
+def choose_implementation(requested: str, q: jax.Array, k: jax.Array, *, cudnn_ok: bool,
+                          splash_ok: bool, backend: Optional[str] = None) -> str:
+  """Pick the softmax backend. ``cudnn_ok`` / ``splash_ok``: the fused GPU / TPU kernel can
+  take this call's mask (see ``gptjax.layers.fused_attention``); ``backend`` defaults to
+  JAX's.
 
   Measured on a 2-core CPU (jax 0.10, T=512 and 2048): the einsum path beats
   jax.nn.dot_product_attention(implementation=None) by 1.4-1.7x; the blocked kernel beats
-  both above ``BLOCKED_MIN_LOGITS``. cuDNN flash attention needs half precision; the Pallas
-  TPU flash kernel wants block-aligned lengths and no custom masks; everything else
-  (custom masks, other backends and dtypes) falls back to einsum or blocked by size.
+  both above ``BLOCKED_MIN_LOGITS``. cuDNN flash attention needs half precision; splash
+  wants 128-aligned lengths; everything else (other backends and dtypes, masks a kernel
+  cannot take) goes to einsum or blocked by size.
   """
   if requested not in IMPLEMENTATIONS:
     raise ValueError(f"implementation={requested!r}: allowed values are "
                      f"{', '.join(map(repr, IMPLEMENTATIONS))}")
   if requested != "auto":
     return requested
-  backend = jax.default_backend()
-  if simple and backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+  backend = backend or jax.default_backend()
+  if cudnn_ok and backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
     return "cudnn"
-  if simple and backend == "tpu" and q.shape[1] % 128 == 0 and k.shape[1] % 128 == 0:
+  if splash_ok and backend == "tpu" and q.shape[1] % 128 == 0 and k.shape[1] % 128 == 0:
     return "pallas"
   return "blocked" if q.shape[1] * k.shape[1] > BLOCKED_MIN_LOGITS else "xla"
 
@@ -172,26 +162,30 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool 
     q_offset: position of the first query (decoding against a cache); may be traced.
     q_segment_ids, kv_segment_ids: (B, T) / (B, S) segment ids (see PAD_SEGMENT above);
       kv alone masks padding keys.
-    implementation: one of ``IMPLEMENTATIONS``; 'blocked' never holds (T, S) logits.
+    implementation: one of ``IMPLEMENTATIONS``; 'blocked' never holds (T, S) logits;
+      'cudnn' (GPU) and 'pallas' (TPU splash) are the fused kernels, with masks.
   """
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"num query heads {q.shape[2]} must be a multiple of kv heads {k.shape[2]}")
-  simple = (prefix_len is None and isinstance(q_offset, int) and q_offset == 0
-            and kv_segment_ids is None and (not causal or q.shape[1] == k.shape[1]))
-  impl = choose_implementation(implementation, q, k, simple=simple)
+  t, s = q.shape[1], k.shape[1]
+  # The fused kernels take no query offset (decoding against a cache).
+  no_offset = isinstance(q_offset, int) and q_offset == 0 and (not causal or t == s)
+  splash_ok = no_offset and splash_supports(
+      prefix_len=prefix_len, q_segments=q_segment_ids is not None,
+      kv_segments=kv_segment_ids is not None, t=t, s=s)
+  impl = choose_implementation(implementation, q, k, cudnn_ok=no_offset, splash_ok=splash_ok)
+  masks = dict(causal=causal, prefix_len=prefix_len, q_segment_ids=q_segment_ids,
+               kv_segment_ids=kv_segment_ids)
   if impl == "cudnn":
-    if not simple:
-      raise ValueError("attention_impl='cudnn' supports only plain causal/full masks")
-    return _softmax_cudnn(q, k, v, causal)
+    if not no_offset:
+      raise ValueError("attention_impl='cudnn' takes no query offset (decoding against a "
+                       "cache); use 'auto'")
+    return cudnn_attention(q, k, v, **masks)
   if impl == "pallas":
-    if not simple:
-      raise ValueError("attention_impl='pallas' supports only plain causal/full masks")
-    return _softmax_pallas_tpu(q, k, v, causal)
+    return splash_attention(q, k, v, **masks)
   if impl == "blocked":
-    return softmax_blocked(q, k, v, causal=causal, prefix_len=prefix_len, q_offset=q_offset,
-                           q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
-  mask = _mask(q.shape[1], k.shape[1], causal=causal, q_offset=q_offset, prefix_len=prefix_len,
-               q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+    return softmax_blocked(q, k, v, q_offset=q_offset, **masks)
+  mask = _mask(t, s, q_offset=q_offset, **masks)
   return _softmax_xla(q, k, v, mask)
 
 
