@@ -9,6 +9,19 @@ import json
 from typing import Callable, Iterable
 
 
+# Seconds to let the previous side's worker threads go idle before timing the next side
+# (PyTorch's OpenMP threads spin-wait after a parallel region). A precaution: on 2 cores
+# single measurements of the JAX step right after torch work were 0-15 % slower, within
+# this machine's run-to-run noise.
+SETTLE_S = 0.3
+
+
+def settle() -> None:
+  """Sleep ``SETTLE_S``: called before each timed chunk of an interleaved comparison."""
+  import time
+  time.sleep(SETTLE_S)
+
+
 def fixed_batch_step(cfg, c, s: dict, seed: int = 0):
   """gptjax's real jitted train step for ``ModelConfig`` ``cfg`` and run config ``c`` on one
   device, with one random token batch of ``s["batch"]`` x ``s["seq"]`` (vocab

@@ -89,6 +89,7 @@ def run(quick: bool = False, repeats: int = 0) -> dict:
     one = {n: [] for n in sides}
     for _ in range(repeats):
       for name, g in sides.items():
+        common.settle()
         full[name].append(_time(g, prompt, s["new"]))
         one[name].append(_time(g, prompt, 1))
     row = {}

@@ -114,6 +114,7 @@ def time_interleaved(sides: dict, *, repeats: int, inner: int, warmup: int = 3) 
   times = {name: [] for name in sides}
   for _ in range(repeats):
     for name, (run, sync) in sides.items():
+      common.settle()
       t = time.perf_counter()
       for _ in range(inner):
         run()
