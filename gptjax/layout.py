@@ -61,18 +61,21 @@ def _convert_decoder(node: Mapping, scan: bool):
   return nnx.State(items) if isinstance(node, nnx.State) else type(node)(items)
 
 
+def _map_decoders(tree: Any, target) -> Any:
+  """``tree`` with every decoder state converted to ``target(node)`` (True: scan)."""
+  return jax.tree.map(lambda x: _convert_decoder(x, target(x)) if _is_decoder(x) else x,
+                      tree, is_leaf=_is_decoder)
+
+
 def to_layout(tree: Any, scan: bool) -> Any:
   """``tree`` with every decoder state in it converted to the scan (stacked) or loop
   (separate blocks) layout; already converted ones, and everything else, unchanged."""
-  return jax.tree.map(lambda x: _convert_decoder(x, scan) if _is_decoder(x) else x, tree,
-                      is_leaf=_is_decoder)
+  return _map_decoders(tree, lambda _: scan)
 
 
 def flip_layout(tree: Any) -> Any:
   """``tree`` with every decoder state in it converted to the layout it is not in."""
-  return jax.tree.map(
-      lambda x: _convert_decoder(x, not is_scan_layout(x["blocks"])) if _is_decoder(x) else x,
-      tree, is_leaf=_is_decoder)
+  return _map_decoders(tree, lambda x: not is_scan_layout(_raw(x["blocks"])))
 
 
 def has_decoder(tree: Any) -> bool:

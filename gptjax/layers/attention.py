@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax.layers.blocked_attention import (  # noqa: F401  (segment ids re-exported)
-    PAD_SEGMENT, SHARED_SEGMENT, position_mask, softmax_blocked)
+    PAD_SEGMENT, SHARED_SEGMENT, position_mask, repeat_kv, softmax_blocked)
 from gptjax.layers.embed import apply_rope
 from gptjax.layers.fused_attention import cudnn_attention, splash_attention, splash_supports
 from gptjax.layers.linear import Dense
@@ -83,11 +83,6 @@ class LinearState(NamedTuple):
 
 # ----------------------------------------------------------------------------------------
 # Softmax attention
-def _repeat_kv(x: jax.Array, num_heads: int) -> jax.Array:
-  groups = num_heads // x.shape[-2]
-  return x if groups == 1 else jnp.repeat(x, groups, axis=-2)
-
-
 def _mask(t: int, s: int, *, causal: bool, q_offset, prefix_len, q_segment_ids=None,
           kv_segment_ids=None) -> Optional[jax.Array]:
   """(B or 1, T, S) bool: query i (at buffer position q_offset + i) may see key j."""
@@ -229,7 +224,7 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_size: in
       segments; padding is all it supports.)
   """
   b, t, n, h = q.shape
-  k, v = _repeat_kv(k, n), _repeat_kv(v, n)
+  k, v = repeat_kv(k, n), repeat_kv(v, n)
   e = v.shape[-1]
   if chunk_size <= 0:
     raise ValueError(f"chunk_size={chunk_size} must be positive")
@@ -275,7 +270,7 @@ def linear_attention_step(q: jax.Array, k: jax.Array, v: jax.Array, state: Linea
                           kv_valid: Optional[jax.Array] = None):
   """Recurrent form: one token (q (B, N, H), k/v (B, K, H)) from the O(1) state."""
   n = q.shape[1]
-  k, v = _repeat_kv(k, n), _repeat_kv(v, n)
+  k, v = repeat_kv(k, n), repeat_kv(v, n)
   fq, fk = feature_map(q), feature_map(k)
   if kv_valid is not None:
     fk = jnp.where(kv_valid[:, None, None], fk, 0.0)

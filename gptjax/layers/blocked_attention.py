@@ -32,6 +32,12 @@ _NEG = float(jnp.finfo(jnp.float32).min)
 BLOCK_SIZE = 256
 
 
+def repeat_kv(x: jax.Array, num_heads: int) -> jax.Array:
+  """(B, S, K, H) kv heads repeated to ``num_heads`` (for kernels without grouped heads)."""
+  groups = num_heads // x.shape[-2]
+  return x if groups == 1 else jnp.repeat(x, groups, axis=-2)
+
+
 def position_mask(qpos: jax.Array, kpos: jax.Array, *, causal: bool, prefix_len,
                   q_segment_ids=None, kv_segment_ids=None) -> Optional[jax.Array]:
   """(B or 1, Tq, Tk) bool: the query at buffer position qpos[i] may see the key at kpos[j].

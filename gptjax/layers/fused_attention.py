@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax.layers.blocked_attention import PAD_SEGMENT, position_mask
+from gptjax.layers.blocked_attention import PAD_SEGMENT, position_mask, repeat_kv
 
 
 def cudnn_attention(q, k, v, *, causal: bool, prefix_len: Optional[int] = None,
@@ -64,13 +64,8 @@ def _splash_kernel(t: int, s: int, n: int, causal: bool, prefix_len: Optional[in
   # Imported lazily: the Pallas TPU ops are only needed (and only compile) on TPU.
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-  if causal:
-    qpos, kpos = np.arange(t)[:, None], np.arange(s)[None, :]
-    mask = kpos <= qpos
-    if prefix_len:
-      mask = mask | (kpos < prefix_len)
-  else:
-    mask = np.ones((t, s), bool)
+  mask = position_mask(jnp.arange(t), jnp.arange(s), causal=causal, prefix_len=prefix_len)
+  mask = np.ones((t, s), bool) if mask is None else np.asarray(mask[0])
   bq = bk = block
   sizes = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
                         block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq,
@@ -88,7 +83,7 @@ def splash_attention(q, k, v, *, causal: bool, prefix_len: Optional[int] = None,
   where ``splash_supports`` is False."""
   from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import (
       SegmentIds)
-  b, t, n, h = q.shape
+  _, t, n, h = q.shape
   s = k.shape[1]
   has_segments = kv_segment_ids is not None
   if not splash_supports(prefix_len=prefix_len, q_segments=q_segment_ids is not None,
@@ -97,8 +92,7 @@ def splash_attention(q, k, v, *, causal: bool, prefix_len: Optional[int] = None,
                      f"prefix_len={prefix_len}, query segments {q_segment_ids is not None}, "
                      f"key segments {has_segments}); use 'blocked'")
   kernel = _splash_kernel(t, s, n, causal, prefix_len or None, block, interpret)
-  groups = n // k.shape[2]
-  k, v = (jnp.repeat(x, groups, axis=2) if groups > 1 else x for x in (k, v))
+  k, v = repeat_kv(k, n), repeat_kv(v, n)
   heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  (B, N, T, H) per kernel call
   # The kernel does not scale the logits: scale the queries (what the einsum path computes).
   qs = heads_first(q * jnp.asarray(h ** -0.5, q.dtype))
@@ -109,7 +103,9 @@ def splash_attention(q, k, v, *, causal: bool, prefix_len: Optional[int] = None,
     # the padding keys up to its own slot (never an empty row; its output is unused). The
     # shared id only marks an image prefix, excluded above, so for real queries equality
     # is exactly position_mask's rule.
-    call = lambda a, bb, c, sq, sk_: kernel(a, bb, c, segment_ids=SegmentIds(sq, sk_))  # noqa: E731
-    out = jax.vmap(call)(qs, heads_first(k), heads_first(v),
+    def one(q1, k1, v1, q_seg, kv_seg):
+      return kernel(q1, k1, v1, segment_ids=SegmentIds(q_seg, kv_seg))
+
+    out = jax.vmap(one)(qs, heads_first(k), heads_first(v),
                          q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32))
   return heads_first(out)
