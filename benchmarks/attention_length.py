@@ -117,7 +117,7 @@ def run(quick: bool = False) -> dict:
   lengths = QUICK_LENGTHS if quick else LENGTHS
   repeats = 3 if quick else 5
   res = {"config": dict(batch=BATCH, heads=HEADS, head_dim=HEAD_DIM, dtype="float32",
-                        causal=True, linear_chunk=64, block=BA.BLOCK_SIZE,
+                        causal=True, linear_chunk=64, block=BA.BLOCK_SIZE or "auto (default_block)",
                         backend=jax.default_backend(), jax=jax.__version__),
          "train": {}, "decode": {}}
   last_s = {k: 0.0 for k in KINDS}

@@ -172,3 +172,22 @@ def test_model_forward_blocked_equals_einsum(tiny_models, monkeypatch):
   # Cached prefill: 30 queries against a 48-slot cache whose tail is padding.
   a, b = (np.asarray(_prefill(m, tokens, m.init_cache(B, 48))) for m in (ref, blk))
   np.testing.assert_allclose(b, a, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch,heads,want", [(8, 4, 64), (2, 12, 128), (1, 4, 256),
+                                              (64, 16, 64)])
+def test_default_block_is_the_largest_tile_in_budget(batch, heads, want, monkeypatch):
+  tile = lambda b: batch * heads * b * b * 4  # one float32 (B, N, b, b) logits tile
+  assert BA.default_block(batch, heads) == want
+  assert want == BA.BLOCK_CHOICES[-1] or tile(want) <= BA.TILE_BYTES
+  assert want == BA.BLOCK_CHOICES[0] or tile(2 * want) > BA.TILE_BYTES
+  # softmax_blocked uses it when no block is given or pinned: a T it does not divide still
+  # matches the einsum path.
+  monkeypatch.setattr(BA, "BLOCK_SIZE", None)
+  q, k, v = _qkv(9, t=70)
+  seen = []
+  monkeypatch.setattr(BA, "default_block", lambda b, n: seen.append((b, n)) or 32)
+  out = BA.softmax_blocked(q, k, v, causal=True)
+  assert seen == [(B, N)]
+  ref = A.softmax_attention(q, k, v, causal=True, implementation="xla")
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=ATOL)

@@ -123,10 +123,11 @@ def _softmax_xla(q, k, v, mask, k_layout: str = "bskh", v_layout: str = "bskh"):
 
 IMPLEMENTATIONS = ("auto", "xla", "blocked", "cudnn", "pallas")
 # 'auto' uses the blocked (flash-style) kernel once the einsum's T*S logits pass this many
-# per head. Measured on the 2-core CPU (causal, float32, 4 heads, forward + backward): at
-# B 8, T 256 (x32) the einsum takes 13.8 ms and blocked 25.1; at B 1 (x64) T 512 they are
-# near (7.3 / 5.8 ms), and blocked is 2.1x faster at 1024 and 4.6x at 2048.
-BLOCKED_MIN_LOGITS = 256 * 256
+# per head. Measured on the 2-core CPU (causal, float32, forward + backward, the blocked
+# kernel at its default block): at B 8, 4 x 32 heads, T 128 they tie (4.8 / 4.6 ms), at
+# T 256 blocked is 2.2x faster (32 / 14.8 ms; PyTorch's SDPA 10.9); at B 1, 4 x 64 heads
+# 1.3x at T 512, 2.4x at 1K, 2.6x at 2K, 3.2x at 4K.
+BLOCKED_MIN_LOGITS = 128 * 128
 
 
 def choose_implementation(requested: str, q: jax.Array, k: jax.Array, *, cudnn_ok: bool,

@@ -26,10 +26,16 @@ SHARED_SEGMENT = 0
 PAD_SEGMENT = -1
 
 _NEG = float(jnp.finfo(jnp.float32).min)
-# Query and key block length. On the 2-core CPU (B 1, 4x64 heads, causal fwd+bwd) 128 and
-# 256 tie and beat 512 by 1.3-2.6x at T = 1K-2K (a 512x512 block's float32 temporaries no
-# longer fit the cache). Read at call time, so tests may shrink it.
-BLOCK_SIZE = 256
+# Query and key block length; None picks it per call (``default_block``). Read at call
+# time, so tests may pin it.
+BLOCK_SIZE: Optional[int] = None
+# The block's float32 logits, one (B, N, b, b) tile per loop step, should stay in cache.
+# Measured on the 2-core EPYC (1 MiB L2 per core), causal fwd + bwd, best block of 64 / 128
+# / 256: B 8 x 4 heads at T 256 -> 64 (13 ms; 128: 16 ms, 256: 36 ms); B 2 x 12 heads at
+# T 1K -> 128 (225 ms; 64: 243, 256: 279); B 1 x 4 heads at T 4K -> 256 (476 ms; 128: 528).
+# Those winners are exactly the largest tiles within 1.5 MiB.
+TILE_BYTES = 3 << 19
+BLOCK_CHOICES = (256, 128, 64)
 
 
 def repeat_kv(x: jax.Array, num_heads: int) -> jax.Array:
@@ -196,6 +202,15 @@ def _flash_bwd(st, res, dout):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def default_block(batch: int, heads: int) -> int:
+  """The largest of ``BLOCK_CHOICES`` whose (batch, heads, b, b) float32 tile fits in
+  ``TILE_BYTES`` (the smallest choice when none does)."""
+  for b in BLOCK_CHOICES:
+    if batch * heads * b * b * 4 <= TILE_BYTES:
+      return b
+  return BLOCK_CHOICES[-1]
+
+
 def softmax_blocked(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
                     prefix_len=None, q_offset=0, q_segment_ids: Optional[jax.Array] = None,
                     kv_segment_ids: Optional[jax.Array] = None,
@@ -204,10 +219,12 @@ def softmax_blocked(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
 
   Blocks need not divide T or S (the tails are padded and masked). Differs from the einsum
   path only on rows that see no key at all: zeros here, the mean of v there.
-  ``block_q`` / ``block_k`` default to ``BLOCK_SIZE``.
+  ``block_q`` / ``block_k`` default to ``BLOCK_SIZE`` or, when that is None,
+  ``default_block``.
   """
-  block_q = BLOCK_SIZE if block_q is None else block_q
-  block_k = BLOCK_SIZE if block_k is None else block_k
+  default = BLOCK_SIZE or default_block(q.shape[0], q.shape[2])
+  block_q = default if block_q is None else block_q
+  block_k = default if block_k is None else block_k
   if block_q <= 0 or block_k <= 0:
     raise ValueError(f"block_q={block_q}, block_k={block_k} must be positive")
   b, t, n, h = q.shape
