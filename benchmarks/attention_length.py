@@ -37,7 +37,8 @@ LENGTHS = tuple(256 * 2**i for i in range(7))  # 256 ... 16,384
 QUICK_LENGTHS = (256, 512, 1024)
 DECODE_CONTEXTS = tuple(256 * 2**i for i in range(6))  # 256 ... 8,192
 QUICK_DECODE_CONTEXTS = (256, 1024)
-DECODE_STEPS = 32
+DECODE_STEPS = 128  # per jitted call: a linear step is ~10 us, dispatch ~50 us
+DECODE_REPEATS = 9
 EINSUM_MAX_BYTES = 8 * 2**30
 MAX_RUN_S = 40.0  # skip a method once one call is predicted (x4 per doubling) above this
 KINDS = ("einsum", "blocked", "linear")
@@ -95,20 +96,21 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
 def _decode_fns(ctx):
   """One token against a context of ``ctx``: KV cache (softmax) vs recurrent state."""
   def kv_loop(q, k, v, kc, vc):
-    def step(i, cache):
-      kc, vc = cache
+    def step(i, carry):
+      kc, vc, acc = carry
       pos = ctx - DECODE_STEPS + i  # the cache holds ctx slots; fill its last ones
       kc = jax.lax.dynamic_update_slice_in_dim(kc, k, pos, axis=1)
       vc = jax.lax.dynamic_update_slice_in_dim(vc, v, pos, axis=1)
       y = A.softmax_attention(q, kc, vc, causal=True, q_offset=pos, implementation="auto")
-      return kc + 0 * y.sum(), vc
-    return jax.lax.fori_loop(0, DECODE_STEPS, step, (kc, vc))
+      return kc, vc, acc + y.sum()  # a scalar keeps y live without a pass over the cache
+    return jax.lax.fori_loop(0, DECODE_STEPS, step, (kc, vc, jnp.float32(0)))[2]
 
   def lin_loop(q, k, v, s, z):
-    def step(i, st):
-      y, st = A.linear_attention_step(q[:, 0], k[:, 0], v[:, 0], A.LinearState(*st))
-      return st.s + 0 * y.sum(), st.z
-    return jax.lax.fori_loop(0, DECODE_STEPS, step, (s, z))
+    def step(i, carry):
+      s, z, acc = carry
+      y, st = A.linear_attention_step(q[:, 0], k[:, 0], v[:, 0], A.LinearState(s, z))
+      return st.s, st.z, acc + y.sum()
+    return jax.lax.fori_loop(0, DECODE_STEPS, step, (s, z, jnp.float32(0)))[2]
 
   return jax.jit(kv_loop), jax.jit(lin_loop)
 
@@ -172,11 +174,35 @@ def run(quick: bool = False) -> dict:
     for fn, a in jobs.values():
       jax.block_until_ready(fn(*a))
     times = {k: [] for k in jobs}
-    for _ in range(repeats):
+    for _ in range(3 if quick else DECODE_REPEATS):
       for k, (fn, a) in jobs.items():
         times[k] += _time(fn, a, 1)
     res["decode"][ctx] = {k: float(np.median(v)) / DECODE_STEPS for k, v in times.items()}
   return res
+
+
+def targets(res: dict) -> list[tuple[str, bool]]:
+  tr, dec = res["train"], res["decode"]
+  ts = sorted(tr)
+  out = []
+  lo, hi = ts[0], ts[-1]
+  per_t = lambda t: tr[t]["blocked"]["temp_bytes"] / t
+  # Linear in T: temp bytes per token at the longest T no more than 1.5x the shortest's
+  # (a T^2 term would grow it 64x over 256 -> 16,384).
+  out.append((f"blocked softmax temp memory linear in T (bytes/token at {hi:,} <= 1.5 x at "
+              f"{lo:,})", per_t(hi) <= 1.5 * per_t(lo)))
+  if 8192 in tr and "seconds" in tr[8192]["blocked"] and "seconds" in tr[8192]["linear"]:
+    out.append(("linear >= 4 x faster than blocked softmax at T = 8,192",
+                tr[8192]["blocked"]["seconds"] >= 4 * tr[8192]["linear"]["seconds"]))
+  cs = sorted(dec)
+  if cs:
+    out.append((f"linear decode at context {cs[-1]:,} <= 1.2 x at {cs[0]:,}",
+                dec[cs[-1]]["linear_state"] <= 1.2 * dec[cs[0]]["linear_state"]))
+  x = [r["linear"]["x_of_flop_time"] for r in tr.values() if "x_of_flop_time" in r["linear"]]
+  if x:
+    out.append(("linear attention within 2 x of its FLOP time at the matmul peak (every T)",
+                max(x) <= 2.0))
+  return out
 
 
 def table(results: dict) -> str:
@@ -213,6 +239,7 @@ def table(results: dict) -> str:
             "|---|---|---|"]
   for ctx, d in results["decode"].items():
     lines.append(f"| {ctx:,} | {d['kv_cache'] * 1e6:,.1f} | {d['linear_state'] * 1e6:,.1f} |")
+  lines += common.targets_lines(targets(results))
   return "\n".join(lines)
 
 

@@ -62,6 +62,26 @@ def compiled_memory(compiled) -> dict:
   return out
 
 
+def read_bandwidth(n_bytes: int = 512 << 20, repeats: int = 5) -> float:
+  """This machine's memory read bandwidth in bytes/s: the fastest of ``repeats`` jitted sums
+  over an ``n_bytes`` float32 array (far larger than any cache), after one warm-up run.
+  The roof of a decode step, which reads every weight once per token: a step can take no
+  less than weight bytes / this."""
+  import time
+
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((n_bytes // 4,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  total(x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    total(x).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return x.size * 4 / best
+
+
 def targets_lines(targets: Iterable[tuple[str, bool]]) -> list[str]:
   """The "| target | met |" table (a blank line first) of ``(name, met)`` pairs."""
   return ["", "| target | met |", "|---|---|"] + [

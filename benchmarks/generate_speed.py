@@ -7,7 +7,10 @@ Batch 1 and 8, prompt 32, 128 new tokens (``--quick``: a 2-layer 64-wide model, 
 16 new). Reported per side and batch: new tokens/s (median of interleaved repeats after
 warm-up), time to first token (a 1-new-token call: prefill + one sample), the decode step
 ((t(new) - t(1)) / (new - 1)), gptjax's first-call time (trace + compile + run) and whether
-a second prompt length compiles the decode loop again.
+a second prompt length compiles the decode loop again. Against the memory roof: a decode
+step reads every weight once, so weight bytes / the measured read bandwidth
+(``common.read_bandwidth``) is the fastest any step can be; the table shows each side's
+step over that.
 """
 from __future__ import annotations
 
@@ -39,11 +42,12 @@ def gptjax_side(s: dict):
   cfg = ModelConfig(vocab_size=s["vocab"], max_seq_len=s["seq"], width=s["width"],
                     depth=s["depth"], num_heads=s["heads"], mlp_dim=4 * s["width"])
   model = GPT(cfg, rngs=nnx.Rngs(0))
+  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
   def gen(tokens: np.ndarray, new: int):
     return np.asarray(generate(model, tokens, new))  # np.asarray waits for the result
 
-  return gen, (_prefill, _decode)
+  return gen, (_prefill, _decode), weight_bytes
 
 
 def hf_side(s: dict):
@@ -76,10 +80,12 @@ def _time(fn, *args) -> float:
 def run(quick: bool = False, repeats: int = 0) -> dict:
   s = QUICK if quick else FULL
   repeats = repeats or (2 if quick else 3)
-  jgen, jitted = gptjax_side(s)
+  jgen, jitted, weight_bytes = gptjax_side(s)
   sides = {"gptjax": jgen, "transformers": hf_side(s)}
   rng = np.random.default_rng(0)
-  out = dict(config=s, repeats=repeats, batches={})
+  # The memory roof: a decode step reads every weight once, whatever the batch.
+  out = dict(config=s, repeats=repeats, batches={}, weight_bytes=weight_bytes,
+             read_bandwidth=common.read_bandwidth())
   for b in s["batches"]:
     prompt = rng.integers(0, s["vocab"], (b, s["prompt"]), dtype=np.int32)
     first = {name: _time(g, prompt, s["new"]) for name, g in sides.items()}  # incl. compile
@@ -148,6 +154,22 @@ def table(res: dict) -> str:
             "|---:|---:|---:|---:|"]
   lines += [f"| {t} | {n['prefill_programs']} | {n['decode_programs']} | "
             f"{n['first_call_s']:.2f} |" for t, n in res["new_prompt_len"].items()]
+  if "read_bandwidth" in res:
+    bw, wb = res["read_bandwidth"], res["weight_bytes"]
+    roof = wb / bw
+    lines += ["", f"Memory roof: {wb / 2**20:,.0f} MiB of float32 weights, read bandwidth "
+              f"{bw / 1e9:.1f} GB/s (jitted sum over 512 MiB), so no decode step can take "
+              f"less than {roof * 1e3:.1f} ms.", "",
+              "| batch | side | decode step (ms) | weights read at (GB/s) | step / roof |",
+              "|---:|---|---:|---:|---:|"]
+    for b, row in res["batches"].items():
+      for name, r in row.items():
+        st = r["decode_step_s"]
+        lines.append(f"| {b} | {name} | {st * 1e3:.1f} | {wb / st / 1e9:.1f} | "
+                     f"{st / roof:.2f} |")
+      half = row["transformers"]["decode_step_s"] / 2
+      lines.append(f"| {b} | 2 x transformers needs | {half * 1e3:.1f} | "
+                   f"{wb / half / 1e9:.1f} | {half / roof:.2f} |")
   lines += common.targets_lines(targets(res))
   return "\n".join(lines)
 

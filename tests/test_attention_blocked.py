@@ -176,13 +176,16 @@ def test_model_forward_blocked_equals_einsum(tiny_models, monkeypatch):
 
 @pytest.mark.parametrize("batch,heads,want", [(8, 4, 64), (2, 12, 128), (1, 4, 256),
                                               (64, 16, 64)])
-def test_default_block_is_the_largest_tile_in_budget(batch, heads, want, monkeypatch):
+def test_default_block_is_the_largest_tile_in_budget(batch, heads, want):
   tile = lambda b: batch * heads * b * b * 4  # one float32 (B, N, b, b) logits tile
   assert BA.default_block(batch, heads) == want
   assert want == BA.BLOCK_CHOICES[-1] or tile(want) <= BA.TILE_BYTES
   assert want == BA.BLOCK_CHOICES[0] or tile(2 * want) > BA.TILE_BYTES
-  # softmax_blocked uses it when no block is given or pinned: a T it does not divide still
-  # matches the einsum path.
+
+
+def test_softmax_blocked_takes_default_block_when_unpinned(monkeypatch):
+  # softmax_blocked asks default_block when no block is given or pinned; a block that does
+  # not divide T still matches the einsum path.
   monkeypatch.setattr(BA, "BLOCK_SIZE", None)
   q, k, v = _qkv(9, t=70)
   seen = []
