@@ -1,11 +1,48 @@
 """LayerNorm and RMSNorm, normalised in float32 whatever the activation dtype."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from gptjax.layers.linear import param
+
+
+# A hand-written backward: XLA's autodiff of the normalisation recomputes the centred input
+# and its statistics in several separate reductions; this one saves x_hat and 1/std and
+# needs two row means. Measured on a 2-core Xeon, same-process interleaved A/B of the real
+# train step: 4x128 T 64 B 12 53.2 -> 46.1 ms, mini T 256 B 8 89.3 -> 83.4 ms.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def normalize(x, scale, bias, eps: float, center: bool):
+  """float32 x (..., D) -> (x - mean if center) / std * scale (+ bias)."""
+  return _normalize_fwd(x, scale, bias, eps, center)[0]
+
+
+def _normalize_fwd(x, scale, bias, eps, center):
+  if center:
+    x = x - jnp.mean(x, axis=-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+  xhat = x * rstd
+  y = xhat * scale
+  if bias is not None:
+    y = y + bias
+  return y, (xhat, rstd, scale, bias is not None)
+
+
+def _normalize_bwd(eps, center, res, dy):
+  del eps
+  xhat, rstd, scale, has_bias = res
+  rows = tuple(range(dy.ndim - 1))
+  g = dy * scale
+  dx = g - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True)
+  if center:
+    dx = dx - jnp.mean(g, axis=-1, keepdims=True)
+  return dx * rstd, jnp.sum(dy * xhat, rows), jnp.sum(dy, rows) if has_bias else None
+
+
+normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
 class Norm(nnx.Module):
@@ -20,12 +57,7 @@ class Norm(nnx.Module):
                  if kind == "layernorm" else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    dtype = x.dtype
-    x = x.astype(jnp.float32)
-    if self.kind == "layernorm":
-      x = x - jnp.mean(x, axis=-1, keepdims=True)
-    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-    x = x * self.scale[...].astype(jnp.float32)
-    if self.bias is not None:
-      x = x + self.bias[...].astype(jnp.float32)
-    return x.astype(dtype)
+    bias = None if self.bias is None else self.bias[...].astype(jnp.float32)
+    y = normalize(x.astype(jnp.float32), self.scale[...].astype(jnp.float32), bias,
+                  float(self.eps), self.kind == "layernorm")
+    return y.astype(x.dtype)
