@@ -1,5 +1,5 @@
-"""Norm's forward and ``normalize``'s hand-written backward (custom_vjp) against autodiff of the plain
-formula, for LayerNorm and RMSNorm, with a non-trivial scale and bias."""
+"""Norm's forward and ``normalize``'s hand-written backward (custom_vjp) against autodiff of
+the plain formula, for LayerNorm and RMSNorm, with a non-trivial scale and bias."""
 from __future__ import annotations
 
 import jax

@@ -28,18 +28,18 @@ def _normalize_fwd(x, scale, bias, eps, center):
   y = xhat * scale
   if bias is not None:
     y = y + bias
-  return y, (xhat, rstd, scale, bias is not None)
+  return y, (xhat, rstd, scale, bias)
 
 
 def _normalize_bwd(eps, center, res, dy):
   del eps
-  xhat, rstd, scale, has_bias = res
+  xhat, rstd, scale, bias = res
   rows = tuple(range(dy.ndim - 1))
   g = dy * scale
   dx = g - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True)
   if center:
     dx = dx - jnp.mean(g, axis=-1, keepdims=True)
-  return dx * rstd, jnp.sum(dy * xhat, rows), jnp.sum(dy, rows) if has_bias else None
+  return dx * rstd, jnp.sum(dy * xhat, rows), jnp.sum(dy, rows) if bias is not None else None
 
 
 normalize.defvjp(_normalize_fwd, _normalize_bwd)
