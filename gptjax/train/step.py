@@ -91,11 +91,18 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, accum_s
     # advances, so the schedule and the data stay in step); the loop reads `nonfinite` with
     # the other metrics and applies the config's policy (train.nonfinite).
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-    params = jax.tree.map(keep, params, state.params)
-    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+
+    # A lax.cond rather than jnp.where(ok, new, old) per leaf: the select reads each donated
+    # optimizer-state buffer after its new value is computed, so XLA copied the whole of mu
+    # and nu at the start of every step (138 copies at 4x128) and ran one select per leaf;
+    # the cond updates in place. Train step at 4x128, T 64, B 12: 49.7 -> 47.3 ms (same-
+    # process A/B, 2-core Xeon); at T 256 (mini) unchanged within noise.
+    def update(_):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      return optax.apply_updates(state.params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(ok, update, lambda _: (state.params, state.opt_state),
+                                     None)
     metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count,
                "nonfinite": 1.0 - ok.astype(jnp.float32)}
     metrics.update({k: v / denom for k, v in extra.items()})
