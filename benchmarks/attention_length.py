@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -30,6 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gptjax.layers import attention as A  # noqa: E402
+from gptjax.flops import measure_matmul_flops  # noqa: E402
 from gptjax.layers import blocked_attention as BA  # noqa: E402
 
 HEADS, HEAD_DIM, BATCH = 4, 64, 1
@@ -62,12 +62,7 @@ def _qkv(t):
 
 
 def _time(fn, args, repeats):
-  out = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    out.append(time.perf_counter() - t0)
-  return out
+  return common.call_times(lambda: fn(*args), jax.block_until_ready, repeats)
 
 
 def linear_flops(t: int, chunk: int = 64, heads: int = HEADS, h: int = HEAD_DIM) -> dict:
@@ -86,11 +81,10 @@ def linear_flops(t: int, chunk: int = 64, heads: int = HEADS, h: int = HEAD_DIM)
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-  """Best of ``repeats``: on a shared machine the fastest call is the closest to the peak."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(jnp.dot)
-  jax.block_until_ready(f(a, a))
-  return 2 * n**3 / min(_time(f, (a, a), repeats))
+  """Measured now, not the cached ``peak_matmul_flops``: taken before and after the long runs
+  (the load varies), best of ``repeats`` (on a shared machine the fastest call is the
+  closest to the peak)."""
+  return measure_matmul_flops("float32", n, repeats)
 
 
 def _decode_fns(ctx):

@@ -62,24 +62,34 @@ def compiled_memory(compiled) -> dict:
   return out
 
 
+def call_times(call: Callable[[], object], sync: Callable[[object], object], repeats: int,
+               inner: int = 1) -> list[float]:
+  """Seconds per call of ``call()``, one figure per repeat, each the mean of ``inner``
+  calls ended by ``sync`` on the last result (``jax.block_until_ready`` for JAX's async
+  dispatch; identity for synchronous PyTorch CPU ops). The one timing loop the benchmarks
+  share: callers take the min (a peak) or the median (a typical call) of it."""
+  import time
+  out = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    for _ in range(inner):
+      r = call()
+    sync(r)
+    out.append((time.perf_counter() - t) / inner)
+  return out
+
+
 def read_bandwidth(n_bytes: int = 512 << 20, repeats: int = 5) -> float:
   """This machine's memory read bandwidth in bytes/s: the fastest of ``repeats`` jitted sums
   over an ``n_bytes`` float32 array (far larger than any cache), after one warm-up run.
   The roof of a decode step, which reads every weight once per token: a step can take no
   less than weight bytes / this."""
-  import time
-
   import jax
   import jax.numpy as jnp
   x = jnp.ones((n_bytes // 4,), jnp.float32)
   total = jax.jit(jnp.sum)
   total(x).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    total(x).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return x.size * 4 / best
+  return x.size * 4 / min(call_times(lambda: total(x), jax.block_until_ready, repeats))
 
 
 def targets_lines(targets: Iterable[tuple[str, bool]]) -> list[str]:

@@ -140,7 +140,9 @@ def _write_peak(path: str, key: str, flops: float) -> None:
     pass
 
 
-def _measure_peak(dtype: str, n: int, repeats: int) -> float:
+def measure_matmul_flops(dtype: str, n: int, repeats: int) -> float:
+  """FLOP/s of the fastest of ``repeats`` jitted (n, n) @ (n, n) ``jnp.dot`` calls, after
+  a warm-up run, measured now (``peak_matmul_flops`` is the cached form)."""
   k1, k2 = jax.random.split(jax.random.key(0))
   a = jax.random.normal(k1, (n, n), dtype)
   b = jax.random.normal(k2, (n, n), dtype)
@@ -181,7 +183,7 @@ def peak_matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -
         return float(entry["flops"])
     except (TypeError, KeyError, ValueError):  # no entry, or not one this code wrote
       pass
-  flops = _measure_peak(dtype, n, repeats)
+  flops = measure_matmul_flops(dtype, n, repeats)
   if path is not None:
     _write_peak(path, key, flops)
   return flops

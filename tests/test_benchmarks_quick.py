@@ -66,3 +66,35 @@ def test_quick_int8_decode_runs_every_variant():
   assert all(wb[n] < 0.4 * wb["float32"] for n in names[1:]), wb
   assert all(0 < res["numerics"][n]["rel_error"] < 0.1 for n in names[1:]), res["numerics"]
   assert "| 2 | int8 w+a |" in int8_decode.table(res)
+
+
+@pytest.mark.parametrize("key", ["a", "c"])
+def test_matmul_kernels_cover_the_steps_matmul_flops(key):
+  """The weight matmuls the kernel benchmark times are the step's: forward + the two
+  gradients of every weight matmul sum to 3 x 2 x N_mm x tokens (``gptjax.flops``'
+  independent count of the weights applied per token, head included)."""
+  from benchmarks import matmul_kernels, train_speed
+  from gptjax.flops import matmul_params
+  s = train_speed.SHAPES[key]
+  rows = matmul_kernels.step_matmuls(s)
+  total = sum(count * 2 * m * k * n for _, m, k, n, _, count in rows)
+  tokens = s["batch"] * s["seq"]
+  assert total == 6 * matmul_params(train_speed.model_config(s)) * tokens
+  assert {layout for *_, layout, _ in rows} == {"NN", "NT", "TN"}
+
+
+@pytest.mark.parametrize("layout", ["NN", "NT", "TN"])
+def test_matmul_kernels_pairs_compute_the_same_product(layout):
+  """Both timed calls compute (m, k) @ (k, n) from operands stored per the layout: checked
+  against NumPy on the operands transposed back."""
+  import numpy as np
+
+  from benchmarks import matmul_kernels
+  jax_call, torch_call = matmul_kernels._pair(24, 16, 8, layout, seed=3)
+  rng = np.random.default_rng(3)
+  a = rng.standard_normal((16, 24) if layout[0] == "T" else (24, 16), dtype=np.float32)
+  b = rng.standard_normal((8, 16) if layout[1] == "T" else (16, 8), dtype=np.float32)
+  want = (a.T if layout[0] == "T" else a) @ (b.T if layout[1] == "T" else b)
+  np.testing.assert_allclose(np.asarray(jax_call()), want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(torch_call().numpy(), want, rtol=1e-4, atol=1e-4)
+  assert want.shape == (24, 8)

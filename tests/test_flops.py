@@ -96,9 +96,9 @@ def test_peak_is_kept_on_disk_per_machine(tmp_path, monkeypatch):
   (entry,) = json.loads(path.read_text()).values()
   assert entry["flops"] == a and abs(entry["measured"] - time.time()) < 60
   peak_matmul_flops.cache_clear()
-  monkeypatch.setattr(flops, "_measure_peak", lambda *args: pytest.fail("measured again"))
+  monkeypatch.setattr(flops, "measure_matmul_flops", lambda *args: pytest.fail("measured again"))
   assert peak_matmul_flops("float32", n=128, repeats=1) == a
-  monkeypatch.setattr(flops, "_measure_peak", lambda *args: 123.0)
+  monkeypatch.setattr(flops, "measure_matmul_flops", lambda *args: 123.0)
   assert flops.peak_matmul_flops.__wrapped__("float32", n=256, repeats=1) == 123.0  # other key
   data = json.loads(path.read_text())
   assert len(data) == 2
