@@ -26,43 +26,64 @@ LINEAR_EPS = 1e-6  # in the linear-attention normaliser: phi(q).z is > 0 but can
 
 # ----------------------------------------------------------------------------------------
 # Caches
-CACHE_K_LAYOUT, CACHE_V_LAYOUT = "bksh", "bkhs"  # KVCache's k and v axes, as einsum letters
-
-
 class KVCache(NamedTuple):
   """Softmax attention cache for one layer: keys/values for ``max_len`` positions.
 
-  Kept as K (B, K, S, H) and V (B, K, H, S), not in the projections' (B, S, K, H): with
-  that layout XLA:CPU copied every layer's whole cache into the dots' layouts on every
-  decode step (a ``copy(transpose)`` in the loop body, so a step cost batch x cache length
-  on top of reading the weights). With this one the batch-8 loop body has no copy of the
-  cache (batch-8 step 128-139 -> 94-98 ms at GPT-2-small shape, measured A/B). At batch 1
-  XLA drops the unit batch dim and still copies the cache (in this layout and in the other
-  one that is copy-free at batch 8, K (B, K, H, S) / V (B, K, S, H)); a multiply-and-reduce
-  form of the step avoided every copy but made the batch-8 step 2.5x slower.
+  Kept as K (K*B, S, H) and V (K*B, H, S), kv heads and batch merged into one leading
+  axis (row kv_head * B + b), not in the projections' (B, S, K, H); a decode step's two
+  dots batch over that axis (``softmax_over_cache``). Why: inside the decode
+  ``while_loop`` XLA:CPU copied every layer's whole cache on every step (1) wherever the
+  cache's layout differed from the dots' (a ``copy(transpose)`` in the loop body), and
+  (2) wherever the cache had a unit dimension (batch 1): it fused the cache update once for
+  the loop's output and once more, with the unit dim bitcast away, for the dot, and copied
+  the cache for each (4 copies per cache per step, K (B, K, S, H) or (K, B, S, H) alike).
+  With no unit dim and the dots' own layout the loop body has no copy at batch 1 or 8:
+  GPT-2-small, cache 256, batch 1: kernel time per decoded token 33.4 -> 25.6 ms (profiled;
+  96 cache copies, 8 ms, gone), generate's decode step 29.0 -> 26.3 ms (2-core Xeon).
   """
-  k: jax.Array  # (B, K, S_max, H)
-  v: jax.Array  # (B, K, H, S_max)
+  k: jax.Array  # (K*B, S_max, H)
+  v: jax.Array  # (K*B, H, S_max)
 
   @classmethod
   def zeros(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
-    return cls(jnp.zeros((batch, kv_heads, max_len, head_dim), dtype),
-               jnp.zeros((batch, kv_heads, head_dim, max_len), dtype))
+    return cls(jnp.zeros((kv_heads * batch, max_len, head_dim), dtype),
+               jnp.zeros((kv_heads * batch, head_dim, max_len), dtype))
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[1]
 
   def update(self, k: jax.Array, v: jax.Array, index) -> "KVCache":
     """Writes new keys / values (B, T, K, H) at slots ``index`` .. ``index + T - 1``."""
-    k = jnp.transpose(k, (0, 2, 1, 3)).astype(self.k.dtype)
-    v = jnp.transpose(v, (0, 2, 3, 1)).astype(self.v.dtype)
-    return KVCache(jax.lax.dynamic_update_slice_in_dim(self.k, k, index, axis=2),
-                   jax.lax.dynamic_update_slice_in_dim(self.v, v, index, axis=3))
+    b, t, kh, h = k.shape
+    k = jnp.transpose(k, (2, 0, 1, 3)).reshape(kh * b, t, h).astype(self.k.dtype)
+    v = jnp.transpose(v, (2, 0, 3, 1)).reshape(kh * b, h, t).astype(self.v.dtype)
+    return KVCache(jax.lax.dynamic_update_slice_in_dim(self.k, k, index, axis=1),
+                   jax.lax.dynamic_update_slice_in_dim(self.v, v, index, axis=2))
 
-  def standard(self) -> tuple[jax.Array, jax.Array]:
+  def standard(self, kv_heads: int) -> tuple[jax.Array, jax.Array]:
     """Keys and values as (B, S_max, K, H), the layout ``softmax_attention`` takes."""
-    return jnp.transpose(self.k, (0, 2, 1, 3)), jnp.transpose(self.v, (0, 3, 1, 2))
+    x, s, h = self.k.shape
+    k = self.k.reshape(kv_heads, x // kv_heads, s, h).transpose(1, 2, 0, 3)
+    v = self.v.reshape(kv_heads, x // kv_heads, h, s).transpose(1, 3, 0, 2)
+    return k, v
+
+
+def softmax_over_cache(q: jax.Array, cache: KVCache, mask: jax.Array) -> jax.Array:
+  """The einsum path against a ``KVCache`` (its slots beyond the current one masked):
+  q (B, T, N, H), ``mask`` (B or 1, T, S_max) -> (B, T, N, H). The two dots batch over the
+  cache's merged (kv head, batch) axis, the g query heads of a kv head and their T
+  positions one row axis, so neither the cache nor a view of it is rearranged."""
+  b, t, n, h = q.shape
+  x, s, _ = cache.k.shape
+  kh, g = x // b, n // (x // b)
+  qg = q.reshape(b, t, kh, g, h).transpose(2, 0, 3, 1, 4).reshape(x, g * t, h)
+  logits = jnp.einsum("xqh,xsh->xqs", qg, cache.k.astype(q.dtype),
+                      preferred_element_type=jnp.float32) * (h**-0.5)
+  m = jnp.broadcast_to(mask[None, :, None], (kh, b, g, t, s)).reshape(x, g * t, s)
+  probs = jax.nn.softmax(jnp.where(m, logits, jnp.finfo(jnp.float32).min), axis=-1)
+  out = jnp.einsum("xqs,xhs->xqh", probs.astype(q.dtype), cache.v.astype(q.dtype))
+  return out.reshape(kh, b, g, t, h).transpose(1, 3, 0, 2, 4).reshape(b, t, n, h)
 
 
 class LinearState(NamedTuple):
@@ -91,9 +112,8 @@ def _mask(t: int, s: int, *, causal: bool, q_offset, prefix_len, q_segment_ids=N
                        kv_segment_ids=kv_segment_ids)
 
 
-def _softmax_xla(q, k, v, mask, k_layout: str = "bskh", v_layout: str = "bskh"):
-  """The einsum path. ``k_layout`` / ``v_layout``: the axes of k and v as einsum letters
-  (b batch, s key slot, k kv head, h head dim); a ``KVCache`` passes its own.
+def _softmax_xla(q, k, v, mask):
+  """The einsum path: q (B, T, N, H), k / v (B, S, K, H).
 
   Both matmuls are plain batched matmuls over (batch, kv head): the g query heads of a kv
   head and their T positions are one (g*T) row axis (GQA without repeating k / v). Why:
@@ -102,12 +122,10 @@ def _softmax_xla(q, k, v, mask, k_layout: str = "bskh", v_layout: str = "bskh"):
   6.7 ms), which made a whole train step of the mini shape 1.6x PyTorch's.
   """
   b, t, n, h = q.shape
-  kh = k.shape[k_layout.index("k")]
+  kh = k.shape[2]
   g = n // kh
   qg = q.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
-  k = jnp.transpose(k, [k_layout.index(c) for c in "bksh"])
-  v_layout_out = v_layout if v_layout == "bkhs" else "bksh"
-  v = jnp.transpose(v, [v_layout.index(c) for c in v_layout_out])
+  k, v = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
   logits = jnp.einsum("bkqh,bksh->bkqs", qg, k, preferred_element_type=jnp.float32)
   logits = logits * (h**-0.5)
   if mask is not None:
@@ -117,7 +135,7 @@ def _softmax_xla(q, k, v, mask, k_layout: str = "bskh", v_layout: str = "bskh"):
     logits = jnp.where(mask[:, None, None], logits.reshape(b, kh, g, t, s),
                        jnp.finfo(jnp.float32).min).reshape(b, kh, g * t, s)
   probs = jax.nn.softmax(logits, axis=-1)  # float32 whatever the activation dtype
-  out = jnp.einsum(f"bkqs,{v_layout_out}->bkqh", probs.astype(v.dtype), v)
+  out = jnp.einsum("bkqs,bksh->bkqh", probs.astype(v.dtype), v)
   return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
@@ -341,11 +359,9 @@ class Attention(nnx.Module):
       mask = _mask(t, s, causal=True, q_offset=cache_index, prefix_len=prefix_len,
                    q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
       cache = cache.update(k, v, cache_index)
-      y = _softmax_xla(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask,
-                       k_layout=CACHE_K_LAYOUT, v_layout=CACHE_V_LAYOUT)
-      return y, cache
+      return softmax_over_cache(q, cache, mask), cache
     cache = cache.update(k, v, cache_index)
-    ks, vs = cache.standard()
+    ks, vs = cache.standard(k.shape[2])
     y = softmax_attention(q, ks.astype(q.dtype), vs.astype(q.dtype), causal=True,
                           prefix_len=prefix_len, q_offset=cache_index,
                           q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
