@@ -138,6 +138,32 @@ def test_softmax_gqa_group_mapping():
   assert (out[:, :, :2] < 50).all() and (out[:, :, 2:] > 50).all()
 
 
+@pytest.mark.parametrize("batch,kv_heads", [(1, N), (3, 2), (2, 1)])
+def test_kv_cache_round_trip_and_softmax_over_cache(batch, kv_heads):
+  """Keys / values written into the merged (K*B) cache come back per batch row and head
+  (``standard``), and attention over the cache (two prompt chunks, then one decode query
+  at each later slot, empty slots masked) matches the loop reference on the filled
+  prefix: at batch 1 (the unit dim the layout exists for), with GQA, and with one kv head."""
+  r = np.random.default_rng(batch * 10 + kv_heads)
+  s_max, t = 12, 9
+  q = r.standard_normal((batch, t, N, H)).astype(np.float32)
+  k = r.standard_normal((batch, t, kv_heads, H)).astype(np.float32)
+  v = r.standard_normal((batch, t, kv_heads, H)).astype(np.float32)
+  cache = A.KVCache.zeros(batch, s_max, kv_heads, H, jnp.float32)
+  cache = cache.update(jnp.asarray(k[:, :5]), jnp.asarray(v[:, :5]), 0)
+  cache = cache.update(jnp.asarray(k[:, 5:]), jnp.asarray(v[:, 5:]), 5)
+  ks, vs = cache.standard(kv_heads)
+  assert ks.shape == vs.shape == (batch, s_max, kv_heads, H)
+  np.testing.assert_array_equal(np.asarray(ks[:, :t]), k)
+  np.testing.assert_array_equal(np.asarray(vs[:, :t]), v)
+  assert not np.asarray(ks[:, t:]).any() and not np.asarray(vs[:, t:]).any()
+  want = ref_softmax_attention(q, k, v, causal=True)
+  for i in (0, 4, t - 1):  # query at slot i sees slots 0..i only
+    mask = A._mask(1, s_max, causal=True, q_offset=i, prefix_len=None)
+    got = A.softmax_over_cache(jnp.asarray(q[:, i:i + 1]), cache, mask)
+    _close(got[:, 0], want[:, i])
+
+
 def test_softmax_bfloat16_keeps_dtype():
   q, k, v = _qkv(8)
   qb, kb, vb = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
