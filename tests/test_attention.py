@@ -140,7 +140,7 @@ def test_softmax_gqa_group_mapping():
 
 @pytest.mark.parametrize("batch,kv_heads", [(1, N), (3, 2), (2, 1)])
 def test_kv_cache_round_trip_and_softmax_over_cache(batch, kv_heads):
-  """Keys / values written into the merged (K*B) cache come back per batch row and head
+  """Keys / values written into the merged (B*K) cache come back per batch row and head
   (``standard``), and attention over the cache (two prompt chunks, then one decode query
   at each later slot, empty slots masked) matches the loop reference on the filled
   prefix: at batch 1 (the unit dim the layout exists for), with GQA, and with one kv head."""
