@@ -28,8 +28,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gptjax.layers import attention as A  # noqa: E402
 from gptjax.flops import measure_matmul_flops  # noqa: E402
+from gptjax.layers import attention as A  # noqa: E402
 from gptjax.layers import blocked_attention as BA  # noqa: E402
 
 HEADS, HEAD_DIM, BATCH = 4, 64, 1

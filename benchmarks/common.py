@@ -79,7 +79,10 @@ def call_times(call: Callable[[], object], sync: Callable[[object], object], rep
   return out
 
 
-def read_bandwidth(n_bytes: int = 512 << 20, repeats: int = 5) -> float:
+BANDWIDTH_PROBE_BYTES = 512 << 20  # read_bandwidth's array: far larger than any cache
+
+
+def read_bandwidth(n_bytes: int = BANDWIDTH_PROBE_BYTES, repeats: int = 5) -> float:
   """This machine's memory read bandwidth in bytes/s: the fastest of ``repeats`` jitted sums
   over an ``n_bytes`` float32 array (far larger than any cache), after one warm-up run.
   The roof of a decode step, which reads every weight once per token: a step can take no

@@ -84,7 +84,7 @@ def run(quick: bool = False, repeats: int = 0) -> dict:
   sides = {"gptjax": jgen, "transformers": hf_side(s)}
   rng = np.random.default_rng(0)
   # The memory roof: a decode step reads every weight once, whatever the batch.
-  probe = 512 << 20
+  probe = common.BANDWIDTH_PROBE_BYTES
   out = dict(config=s, repeats=repeats, batches={}, weight_bytes=weight_bytes,
              read_bandwidth=common.read_bandwidth(probe), read_bandwidth_probe_bytes=probe)
   for b in s["batches"]:
@@ -158,10 +158,10 @@ def table(res: dict) -> str:
   if "read_bandwidth" in res:
     bw, wb = res["read_bandwidth"], res["weight_bytes"]
     roof = wb / bw
-    probe = res.get("read_bandwidth_probe_bytes", 512 << 20)
+    probe = res.get("read_bandwidth_probe_bytes", common.BANDWIDTH_PROBE_BYTES)
     lines += ["", f"Memory roof: {wb / 2**20:,.0f} MiB of float32 weights, read bandwidth "
-              f"{bw / 1e9:.1f} GB/s (jitted sum over {probe / 2**20:,.0f} MiB), so no decode step can take "
-              f"less than {roof * 1e3:.1f} ms.", "",
+              f"{bw / 1e9:.1f} GB/s (jitted sum over {probe / 2**20:,.0f} MiB), so no decode "
+              f"step can take less than {roof * 1e3:.1f} ms.", "",
               "| batch | side | decode step (ms) | weights read at (GB/s) | step / roof |",
               "|---:|---|---:|---:|---:|"]
     for b, row in res["batches"].items():
